@@ -1,0 +1,127 @@
+"""MMPareto for a hand-written PyTorch training loop: gradient splitting plus the rule.
+
+:class:`MMParetoEngine` joins :class:`~mmpareto_lightning.splitting.GradientSplitter` (the per-objective
+encoder gradients) and :func:`~mmpareto_lightning.rule.integrate_gradients` (the rule) and writes the
+integrated gradients into ``.grad``. It knows nothing of Lightning; the Lightning callback is a thin
+layer on top of it.
+
+Example (plain PyTorch)::
+
+    engine = MMParetoEngine({"audio": model.audio_net, "visual": model.visual_net})
+    for audio, visual, label in loader:
+        optimizer.zero_grad(set_to_none=True)
+        with engine.capture():                       # records the encoders' outputs
+            losses = model.losses(audio, visual, label)  # {"multimodal": ..., "audio": ..., "visual": ...}
+        engine.backward(losses)                      # one forward, one backward + one encoder VJP
+        stats = engine.integrate()                   # the MMPareto rule, written into .grad
+        optimizer.step()
+
+With a ``torch.amp.GradScaler``: ``engine.backward(losses, backward_fn=lambda t: scaler.scale(t).backward(),
+scale_fn=scaler.scale)``, then ``engine.integrate()``, ``scaler.step(optimizer)``, ``scaler.update()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
+
+import torch
+from torch import Tensor, nn
+
+from mmpareto_lightning.rule import RuleConfig, RuleStats, integrate_gradients
+from mmpareto_lightning.splitting import GradientSplitter
+
+__all__ = ["MMParetoEngine"]
+
+ReduceFn = Callable[[Tensor], Tensor]
+
+
+class MMParetoEngine:
+    """Exact MMPareto gradient integration for encoders inside any PyTorch model.
+
+    Args:
+        encoders: name -> encoder module; each encoder's unimodal loss is the loss of the same name.
+        config: the rule's settings (default: the authors' MMPareto, per-tensor rescale, gamma 1.5).
+        multimodal_key: name of the multimodal loss.
+    """
+
+    def __init__(
+        self,
+        encoders: Mapping[str, nn.Module],
+        config: RuleConfig | None = None,
+        multimodal_key: str = "multimodal",
+    ) -> None:
+        self.config = config or RuleConfig()
+        self.splitter = GradientSplitter(encoders, multimodal_key=multimodal_key)
+
+    @property
+    def encoder_names(self) -> list[str]:
+        return list(self.splitter.layouts)
+
+    def capture(self) -> AbstractContextManager[None]:
+        """Context manager around the forward pass whose losses go to :meth:`backward`."""
+        return self.splitter.capture()
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        backward_fn: Callable[[Tensor], None] | None = None,
+        scale_fn: Callable[[Tensor], Tensor] | None = None,
+        accumulate: bool = False,
+    ) -> None:
+        """Per-objective encoder gradients plus the ordinary backward of the summed loss.
+
+        See :meth:`GradientSplitter.backward` for the arguments. With ``accumulate=True`` the gradients
+        add up over calls until :meth:`integrate` closes the window.
+        """
+        self.splitter.backward(losses, backward_fn=backward_fn, scale_fn=scale_fn, accumulate=accumulate)
+
+    def integrate(self, reduce_fn: ReduceFn | None = None) -> dict[str, RuleStats]:
+        """Apply the rule to every encoder and write the result into the encoder parameters' ``.grad``.
+
+        Args:
+            reduce_fn: averages a tensor across processes (data parallel); it receives one flat tensor
+                with every extra objective's gradient of every encoder, so a run makes one collective.
+                The main objective's gradient is in ``.grad`` and is averaged by DDP's own backward.
+
+        Returns:
+            encoder name -> the step's :class:`RuleStats`.
+        """
+        buffer = self.splitter.extra_buffer
+        if reduce_fn is not None and buffer is not None and buffer.numel() > 0:
+            reduced = reduce_fn(buffer)
+            if reduced is not buffer:
+                buffer.copy_(reduced)
+        stats = {}
+        for name, layout in self.splitter.layouts.items():
+            _, stats[name] = integrate_gradients(
+                layout.grads, self.config, segments=layout.segments, out=layout.grads[1]
+            )
+        self.splitter.close_window()
+        return stats
+
+    def all_finite(self, parameters: Iterable[nn.Parameter]) -> Tensor:
+        """0-d bool tensor: every loss of the window and every gradient of ``parameters`` is finite.
+
+        Stays on the device; reading it (``bool(...)``) is the caller's one host synchronisation.
+        """
+        grads = [p.grad for p in parameters if p.grad is not None]
+        flags = [] if self.splitter.loss_finite is None else [self.splitter.loss_finite.all()]
+        if grads:
+            # The max-abs norm cannot overflow for finite entries, unlike the 2-norm.
+            flags.append(torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all())
+        if not flags:
+            return torch.tensor(True)
+        return torch.stack([f.to(flags[0].device) for f in flags]).all()
+
+    def non_finite_losses(self) -> list[str]:
+        """Names of the losses that were not finite in the current window (reads the host)."""
+        flags = self.splitter.loss_finite
+        if flags is None:
+            return []
+        names = self.splitter.loss_names
+        return [n for n, ok in zip(names, flags.tolist(), strict=True) if not ok]
+
+    def remove_hooks(self) -> None:
+        """Detach the engine's forward hooks from the encoders."""
+        self.splitter.remove_hooks()

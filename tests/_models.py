@@ -1,0 +1,107 @@
+"""Tiny multimodal models and data shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mmpareto_lightning import MMParetoModule
+
+DIMS = (5, 7, 6, 4)
+CLASSES = 3
+NAMES = ("audio", "visual", "text", "depth")
+
+
+class Encoder(nn.Module):
+    """BatchNorm, in-place ReLU and dropout: the layers the split must get right."""
+
+    def __init__(self, dim: int, width: int = 12, out: int = 8, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, width),
+            nn.BatchNorm1d(width),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(width, out),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class MultiModalNet(MMParetoModule):
+    """n encoders, concatenation fusion head, one unimodal head per encoder.
+
+    Args:
+        n: number of modalities (2 to 4).
+        extra_loss: add an "align" loss between the first two encoders' features, so those encoders
+            have three objectives.
+        lr, momentum: SGD settings.
+    """
+
+    def __init__(
+        self,
+        n: int = 2,
+        extra_loss: bool = False,
+        lr: float = 0.1,
+        momentum: float = 0.0,
+        dropout: float = 0.3,
+    ) -> None:
+        super().__init__()
+        self.names = list(NAMES[:n])
+        self.encoders = nn.ModuleDict(
+            {k: Encoder(d, dropout=dropout) for k, d in zip(self.names, DIMS, strict=False)}
+        )
+        self.head = nn.Linear(8 * n, CLASSES)
+        self.uni_heads = nn.ModuleDict({k: nn.Linear(8, CLASSES) for k in self.names})
+        self.extra_loss = extra_loss
+        self.lr, self.momentum = lr, momentum
+
+    def mmpareto_encoders(self) -> dict[str, nn.Module]:
+        return {k: self.encoders[k] for k in self.names}
+
+    def losses(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        *xs, y = batch
+        feats = {k: self.encoders[k](x) for k, x in zip(self.names, xs, strict=False)}
+        losses = {"multimodal": F.cross_entropy(self.head(torch.cat(list(feats.values()), 1)), y)}
+        for k, z in feats.items():
+            losses[k] = F.cross_entropy(self.uni_heads[k](z), y)
+        if self.extra_loss:
+            a, b = self.names[:2]
+            losses["align"] = 0.1 * (feats[a] - feats[b]).pow(2).mean()
+        return losses
+
+    def training_step(self, batch, batch_idx):
+        return self.losses(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+def make_data(n: int = 2, size: int = 32, seed: int = 0) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(size, d, generator=gen) for d in DIMS[:n]]
+    y = torch.randint(0, CLASSES, (size,), generator=gen)
+    return TensorDataset(*xs, y)
+
+
+def make_loader(n: int = 2, size: int = 32, batch_size: int = 16, seed: int = 0) -> DataLoader:
+    return DataLoader(make_data(n, size, seed), batch_size=batch_size, shuffle=False)
+
+
+def trainer_kwargs(tmp_path=None, **overrides):
+    """Fast, quiet CPU Trainer settings for tests."""
+    kwargs = dict(
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+    )
+    kwargs.update(overrides)
+    return kwargs

@@ -1,0 +1,155 @@
+"""What the callback adds around the rule: accumulation, clipping, schedulers, metrics, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import csv
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from _models import MultiModalNet, make_loader, trainer_kwargs
+from _reference import reference_rule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from test_end_to_end import RecordingNet
+
+from mmpareto_lightning import MMParetoCallback
+
+
+class AccumulatingRecorder(RecordingNet):
+    def training_step(self, batch, batch_idx):
+        losses = super().training_step(batch, batch_idx)
+        self.history = [*getattr(self, "history", []), self.recorded]
+        return losses
+
+
+def test_accumulation_sums_per_loss_gradients_before_the_rule() -> None:
+    torch.manual_seed(4)
+    model = AccumulatingRecorder(n=2, lr=1.0)
+    before = copy.deepcopy(model)
+    callback = MMParetoCallback(accumulate_grad_batches=2)
+    trainer = pl.Trainer(max_steps=1, callbacks=[callback], **trainer_kwargs())
+    trainer.fit(model, make_loader(2, size=64, batch_size=16))
+    assert len(model.history) == 2 and trainer.global_step == 1
+    params = list(model.parameters())
+    index = {id(p): i for i, p in enumerate(params)}
+    mean = {
+        n: [sum(h[n][i] for h in model.history) / 2 for i in range(len(params))] for n in model.history[0]
+    }
+    for name, encoder in model.mmpareto_encoders().items():
+        enc = list(encoder.parameters())
+        per_objective = [[mean[o][index[id(p)]] for p in enc] for o in ("multimodal", name)]
+        expected, _ = reference_rule(per_objective)
+        old = dict(before.named_parameters())
+        for (pname, p), h in zip(encoder.named_parameters(), expected, strict=True):
+            delta = (p.detach() - old[f"encoders.{name}.{pname}"].detach()).double().numpy().reshape(-1)
+            floor = 4 * np.finfo(np.float32).eps * float(p.detach().abs().max())
+            np.testing.assert_allclose(delta, -h, rtol=1e-5, atol=2e-6 * np.abs(h).max() + floor)
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_clipping_acts_on_the_integrated_gradient(algorithm: str) -> None:
+    torch.manual_seed(0)
+    model = MultiModalNet(n=2, lr=1.0)
+    before = copy.deepcopy(model)
+    callback = MMParetoCallback(gradient_clip_val=0.01, gradient_clip_algorithm=algorithm)
+    pl.Trainer(max_steps=1, callbacks=[callback], **trainer_kwargs()).fit(model, make_loader(2))
+    deltas = [
+        (p - q).detach().reshape(-1) for p, q in zip(model.parameters(), before.parameters(), strict=True)
+    ]
+    if algorithm == "norm":
+        assert float(torch.cat(deltas).norm()) == pytest.approx(0.01, rel=1e-3)
+    else:
+        assert float(torch.cat(deltas).abs().max()) == pytest.approx(0.01, rel=1e-3)
+
+
+class Scheduled(MultiModalNet):
+    def __init__(self, interval: str, frequency: int = 1):
+        super().__init__(n=2, lr=1.0)
+        self.interval, self.frequency = interval, frequency
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=1.0)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": sched, "interval": self.interval, "frequency": self.frequency},
+        }
+
+
+@pytest.mark.parametrize(
+    ("interval", "frequency", "expected"), [("step", 1, 0.5**6), ("step", 2, 0.5**3), ("epoch", 1, 0.5**3)]
+)
+def test_lr_schedulers_step_as_in_automatic_optimization(interval, frequency, expected) -> None:
+    model = Scheduled(interval, frequency)
+    trainer = pl.Trainer(max_epochs=3, callbacks=[MMParetoCallback()], **trainer_kwargs())
+    trainer.fit(model, make_loader(2, size=32, batch_size=16))  # 2 batches per epoch
+    assert trainer.global_step == 6
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected)
+
+
+def test_metrics_reach_the_logger(tmp_path) -> None:
+    torch.manual_seed(0)
+    callback = MMParetoCallback()
+    trainer = pl.Trainer(
+        max_epochs=2, callbacks=[callback], **trainer_kwargs(logger=CSVLogger(tmp_path, name="run"))
+    )
+    trainer.fit(MultiModalNet(n=3), make_loader(3, size=64, batch_size=16))
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    columns = set(rows[0])
+    for enc in ("audio", "visual", "text"):
+        for key in ("cos_beta", "alpha_multimodal", "alpha_unimodal", "rescale", "conflicts", "stationary"):
+            assert f"mmpareto/{enc}/{key}_step" in columns and f"mmpareto/{enc}/{key}_epoch" in columns
+        steps = [r for r in rows if r[f"mmpareto/{enc}/cos_beta_step"]]
+        assert len(steps) == 8
+        cos = [float(r[f"mmpareto/{enc}/cos_beta_step"]) for r in steps]
+        assert all(-1 <= c <= 1 for c in cos)
+        conflicts = [float(r[f"mmpareto/{enc}/conflicts_step"]) for r in steps]
+        # A step is a conflict exactly when cos beta <= 0 (two objectives per encoder).
+        assert conflicts == [float(c <= 0) for c in cos]
+        for r in steps:
+            am, au = (
+                float(r[f"mmpareto/{enc}/alpha_multimodal_step"]),
+                float(r[f"mmpareto/{enc}/alpha_unimodal_step"]),
+            )
+            assert am + au == pytest.approx(1.0, abs=1e-6)
+        total = float(steps[-1][f"mmpareto/{enc}/conflicts_total"])
+        assert total == sum(conflicts) == callback.totals[enc]["conflicts"]
+        epochs = [
+            float(r[f"mmpareto/{enc}/conflicts_epoch"])
+            for r in rows
+            if r.get(f"mmpareto/{enc}/conflicts_epoch")
+        ]
+        assert sum(epochs) == total
+    assert "train/loss_multimodal_step" in columns and "train/loss_audio_epoch" in columns
+
+
+def test_resume_keeps_the_cumulative_counters(tmp_path) -> None:
+    torch.manual_seed(0)
+    first = MMParetoCallback()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=4)
+    model = MultiModalNet(n=2, lr=0.5, dropout=0.0)
+    pl.Trainer(max_steps=4, callbacks=[first, ckpt], **trainer_kwargs(enable_checkpointing=True)).fit(
+        model, make_loader(2, size=64, batch_size=16)
+    )
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    state = next(v for k, v in saved["callbacks"].items() if k.startswith("MMParetoCallback"))
+    assert state["totals"] == first.totals and state["optimizer_steps"] == 4
+
+    resumed = MMParetoCallback()
+    pl.Trainer(max_steps=8, callbacks=[resumed], **trainer_kwargs()).fit(
+        MultiModalNet(n=2, lr=0.5, dropout=0.0),
+        make_loader(2, size=64, batch_size=16),
+        ckpt_path=tmp_path / "last.ckpt",
+    )
+    torch.manual_seed(0)
+    straight = MMParetoCallback()
+    pl.Trainer(max_steps=8, callbacks=[straight], **trainer_kwargs()).fit(
+        MultiModalNet(n=2, lr=0.5, dropout=0.0), make_loader(2, size=64, batch_size=16)
+    )
+    assert resumed.totals == straight.totals
+    assert resumed.optimizer_steps == straight.optimizer_steps == 8
+    assert sum(v["conflicts"] for v in straight.totals.values()) > 0

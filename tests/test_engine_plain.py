@@ -1,0 +1,138 @@
+"""The framework-free engine in a hand-written PyTorch loop (no Lightning)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from _models import MultiModalNet, make_loader
+from _reference import reference_rule
+
+from mmpareto_lightning import GradientSplitter, GradientSplittingError, MMParetoEngine, RuleConfig
+
+
+def _direct(model: MultiModalNet, batch) -> dict[str, list[torch.Tensor]]:
+    losses = model.losses(batch)
+    params = list(model.parameters())
+    return {
+        n: [
+            torch.zeros_like(p) if g is None else g
+            for p, g in zip(
+                params, torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True), strict=True
+            )
+        ]
+        for n, loss in losses.items()
+    }
+
+
+@pytest.mark.parametrize("use_scaler", [False, True])
+def test_plain_loop_step_matches_reference(use_scaler: bool) -> None:
+    torch.manual_seed(0)
+    model = MultiModalNet(n=2, dropout=0.0)
+    model.train()
+    reference_model = copy.deepcopy(model)
+    batch = next(iter(make_loader(2)))
+    engine = MMParetoEngine(model.mmpareto_encoders())
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if use_scaler else None
+
+    optimizer.zero_grad(set_to_none=True)
+    with engine.capture():
+        losses = model.losses(batch)
+    if scaler is None:
+        engine.backward(losses)
+    else:
+        engine.backward(losses, backward_fn=lambda t: scaler.scale(t).backward(), scale_fn=scaler.scale)
+    stats = engine.integrate()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    assert set(stats) == {"audio", "visual"}
+
+    grads = _direct(reference_model, batch)
+    index = {id(p): i for i, p in enumerate(reference_model.parameters())}
+    new = dict(model.named_parameters())
+    for name, encoder in reference_model.mmpareto_encoders().items():
+        enc = list(encoder.parameters())
+        expected, _ = reference_rule([[grads[o][index[id(p)]] for p in enc] for o in ("multimodal", name)])
+        for (pname, p), h in zip(encoder.named_parameters(), expected, strict=True):
+            delta = (new[f"encoders.{name}.{pname}"] - p).detach().double().numpy().reshape(-1)
+            floor = 4 * np.finfo(np.float32).eps * float(p.detach().abs().max())
+            np.testing.assert_allclose(delta, -h, rtol=1e-5, atol=2e-6 * np.abs(h).max() + floor)
+
+
+def test_scaler_skips_a_step_with_an_infinite_gradient() -> None:
+    torch.manual_seed(0)
+    model = MultiModalNet(n=2)
+    before = copy.deepcopy(model)
+    engine = MMParetoEngine(model.mmpareto_encoders())
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    batch = next(iter(make_loader(2)))
+    with engine.capture():
+        losses = model.losses(batch)
+    losses["audio"] = losses["audio"] * float("inf")
+    engine.backward(losses, backward_fn=lambda t: scaler.scale(t).backward(), scale_fn=scaler.scale)
+    engine.integrate()
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**9  # the scaler saw the inf, skipped and backed off
+    for p, q in zip(model.parameters(), before.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert not bool(engine.all_finite(model.parameters()))
+    assert engine.non_finite_losses() == ["audio"]
+
+
+def test_splitter_gives_exact_per_loss_gradients_and_leaves_unimodal_in_grad() -> None:
+    torch.manual_seed(1)
+    model = MultiModalNet(n=3, extra_loss=True, dropout=0.0)
+    reference_model = copy.deepcopy(model)
+    splitter = GradientSplitter(model.mmpareto_encoders())
+    batch = next(iter(make_loader(3)))
+    with splitter.capture():
+        losses = model.losses(batch)
+    layouts = splitter.backward(losses)
+    grads = _direct(reference_model, batch)
+    index = {id(p): i for i, p in enumerate(reference_model.parameters())}
+    for name, encoder in reference_model.mmpareto_encoders().items():
+        layout = layouts[name]
+        expected_objectives = ["multimodal", name, *(["align"] if name in ("audio", "visual") else [])]
+        assert layout.objectives == expected_objectives
+        for objective, flat in zip(layout.objectives, layout.grads, strict=True):
+            expected = torch.cat([grads[objective][index[id(p)]].reshape(-1) for p in encoder.parameters()])
+            torch.testing.assert_close(flat, expected, rtol=1e-6, atol=1e-7)
+        # .grad of the encoder is the unimodal gradient until the rule runs.
+        for p, q in zip(model.mmpareto_encoders()[name].parameters(), encoder.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, grads[name][index[id(q)]], rtol=1e-6, atol=1e-7)
+    # Heads get the plain gradient of the summed losses.
+    for p, q in zip(model.head.parameters(), reference_model.head.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, sum(g[index[id(q)]] for g in grads.values()), rtol=1e-6, atol=1e-7)
+
+
+def test_encoder_not_called_inside_capture() -> None:
+    model = MultiModalNet(n=2)
+    splitter = GradientSplitter(model.mmpareto_encoders())
+    losses = model.losses(next(iter(make_loader(2))))  # forward outside capture()
+    with pytest.raises(GradientSplittingError, match="produced no output"):
+        splitter.backward(losses)
+
+
+def test_encoder_named_like_the_multimodal_loss() -> None:
+    model = MultiModalNet(n=2)
+    with pytest.raises(GradientSplittingError, match="also the multimodal loss's key"):
+        GradientSplitter({"multimodal": model.encoders["audio"]})
+
+
+def test_engine_rule_config_is_used() -> None:
+    model = MultiModalNet(n=2)
+    engine = MMParetoEngine(model.mmpareto_encoders(), RuleConfig(strategy="uniform"))
+    with engine.capture():
+        losses = model.losses(next(iter(make_loader(2))))
+    engine.backward(losses)
+    stats = engine.integrate()
+    for s in stats.values():
+        assert s.alphas.tolist() == [0.5, 0.5]
