@@ -227,11 +227,11 @@ class MMParetoCallback(Callback):
 
         detached = {k: v.detach() for k, v in losses.items()}
         total = torch.stack(list(detached.values())).sum()
-        for name, value in detached.items():
-            pl_module.log(f"train/loss_{name}", value, on_step=self.log_on_step, on_epoch=self.log_on_epoch)
-        pl_module.log(
-            "train/loss", total, on_step=self.log_on_step, on_epoch=self.log_on_epoch, prog_bar=True
-        )
+        assert self._metrics is not None
+        for key, metric in self._metrics.update_losses(detached).items():
+            pl_module.log(
+                key, metric, on_step=self.log_on_step, on_epoch=self.log_on_epoch, prog_bar=key == "train/loss"
+            )
         if not last:
             return {"loss": total, **detached}
 

@@ -5,6 +5,9 @@ and the rescale factor; ``SumMetric`` for the steps with a gradient conflict and
 steps. The values come from gradients that are already averaged across processes, so every rank holds
 the same numbers: the metrics do not sync again (``sync_on_compute=False``), which would multiply the
 counts by the world size.
+
+The training losses are ``MeanMetric`` too: their step values are the rank's own batch (no collective in
+the step) and their epoch means are averaged across ranks once, when the epoch ends.
 """
 
 from __future__ import annotations
@@ -69,6 +72,22 @@ class MMParetoMetrics(nn.Module):
                 for name in encoders
             }
         )
+        # Created on the first step, when the loss names are known.
+        self.losses = nn.ModuleDict()
+
+    def update_losses(self, losses: Mapping[str, Tensor], prefix: str = "train") -> dict[str, Metric]:
+        """Add one step's losses (and their sum); returns ``f"{prefix}/loss_<name>"`` -> metric."""
+        values = dict(losses)
+        values[""] = torch.stack([v.reshape(()) for v in losses.values()]).sum()
+        logged: dict[str, Metric] = {}
+        for name, value in values.items():
+            key = f"loss_{name}" if name else "loss"
+            if key not in self.losses:
+                self.losses[key] = MeanMetric(nan_strategy="disable").to(value.device)
+            finite = torch.isfinite(value)
+            self.losses[key](torch.where(finite, value.float(), 0.0), finite.float())
+            logged[f"{prefix}/{key}"] = self.losses[key]
+        return logged
 
     def update(self, stats: Mapping[str, RuleStats], valid: Tensor | None = None) -> dict[str, Metric]:
         """Add one step's statistics; returns key -> metric, ready for ``LightningModule.log``.

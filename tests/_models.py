@@ -17,11 +17,13 @@ NAMES = ("audio", "visual", "text", "depth")
 class Encoder(nn.Module):
     """BatchNorm, in-place ReLU and dropout: the layers the split must get right."""
 
-    def __init__(self, dim: int, width: int = 12, out: int = 8, dropout: float = 0.3) -> None:
+    def __init__(
+        self, dim: int, width: int = 12, out: int = 8, dropout: float = 0.3, batchnorm: bool = True
+    ) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(dim, width),
-            nn.BatchNorm1d(width),
+            nn.BatchNorm1d(width) if batchnorm else nn.Identity(),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Linear(width, out),
@@ -39,6 +41,7 @@ class MultiModalNet(MMParetoModule):
         extra_loss: add an "align" loss between the first two encoders' features, so those encoders
             have three objectives.
         lr, momentum: SGD settings.
+        dropout, batchnorm: encoder layers (DDP equivalence tests turn both off).
     """
 
     def __init__(
@@ -48,11 +51,15 @@ class MultiModalNet(MMParetoModule):
         lr: float = 0.1,
         momentum: float = 0.0,
         dropout: float = 0.3,
+        batchnorm: bool = True,
     ) -> None:
         super().__init__()
         self.names = list(NAMES[:n])
         self.encoders = nn.ModuleDict(
-            {k: Encoder(d, dropout=dropout) for k, d in zip(self.names, DIMS, strict=False)}
+            {
+                k: Encoder(d, dropout=dropout, batchnorm=batchnorm)
+                for k, d in zip(self.names, DIMS, strict=False)
+            }
         )
         self.head = nn.Linear(8 * n, CLASSES)
         self.uni_heads = nn.ModuleDict({k: nn.Linear(8, CLASSES) for k in self.names})
@@ -105,3 +112,31 @@ def trainer_kwargs(tmp_path=None, **overrides):
     )
     kwargs.update(overrides)
     return kwargs
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning can checkpoint mid-epoch: it remembers how many batches it yielded.
+
+    Lightning restarts a plain DataLoader from its first batch when resuming mid-epoch; a loader with
+    ``state_dict``/``load_state_dict`` is saved in the checkpoint and resumes where it stopped.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.yielded = 0
+        self._skip = 0
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        self.yielded = skip
+        for i, batch in enumerate(super().__iter__()):
+            if i < skip:
+                continue
+            self.yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = state["yielded"]
