@@ -126,6 +126,7 @@ class MMParetoCallback(Callback):
         self.optimizer_steps = 0
         self.skipped_steps = 0
         self._loaded_totals: dict[str, dict[str, int]] = {}
+        self._skipped_tensor = torch.zeros(())
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -172,6 +173,8 @@ class MMParetoCallback(Callback):
             loaded = self._loaded_totals.get(name, {})
             counts = [loaded.get("conflicts", 0), loaded.get("stationary", 0)]
             self._totals[name] = torch.tensor(counts, dtype=torch.float32, device=pl_module.device)
+        # Logged every step: a device tensor, since logging a Python number copies it to the device.
+        self._skipped_tensor = torch.tensor(float(self.skipped_steps), device=pl_module.device)
         self._micro_batches = 0
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -230,7 +233,11 @@ class MMParetoCallback(Callback):
         assert self._metrics is not None
         for key, metric in self._metrics.update_losses(detached).items():
             pl_module.log(
-                key, metric, on_step=self.log_on_step, on_epoch=self.log_on_epoch, prog_bar=key == "train/loss"
+                key,
+                metric,
+                on_step=self.log_on_step,
+                on_epoch=self.log_on_epoch,
+                prog_bar=key == "train/loss",
             )
         if not last:
             return {"loss": total, **detached}
@@ -259,6 +266,7 @@ class MMParetoCallback(Callback):
     def _skip_step(self, pl_module: MMParetoModule, optimizer: Any, stats: Mapping[str, RuleStats]) -> None:
         assert self._engine is not None
         self.skipped_steps += 1
+        self._skipped_tensor.add_(1)
         bad_losses = self._engine.non_finite_losses()
         bad_encoders = [name for name, s in stats.items() if not bool(s.finite)]
         rank_zero_warn(
@@ -286,7 +294,7 @@ class MMParetoCallback(Callback):
             pl_module.log(
                 f"mmpareto/{name}/stationary_total", self._totals[name][1], on_step=True, on_epoch=False
             )
-        pl_module.log("mmpareto/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+        pl_module.log("mmpareto/skipped_steps", self._skipped_tensor, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ hooks
     def on_before_optimizer_step(

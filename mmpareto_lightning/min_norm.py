@@ -38,7 +38,8 @@ def min_norm_2(v11: Tensor, v12: Tensor, v22: Tensor) -> Tensor:
     # guarding it keeps the unselected branch finite.
     safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
     interior = torch.stack([(v22 - v12) / safe, (v11 - v12) / safe])
-    high = torch.tensor([0.999, 0.001], dtype=torch.float64, device=v11.device)
+    # Built with fills, not torch.tensor([...]): a host-to-device copy would stall a CUDA stream.
+    high = torch.stack([torch.full_like(v11, 0.999), torch.full_like(v11, 0.001)])
     return torch.where(v12 >= v11, high, torch.where(v12 >= v22, high.flip(0), interior))
 
 
@@ -95,12 +96,13 @@ def min_norm_simplex(gram: Tensor, max_objectives: int = 12) -> Tensor:
     system[:, :k, k] = -masks
     system[:, k, :k] = masks
     rhs = torch.zeros(b, k + 1, 1, dtype=torch.float64, device=g.device)
-    rhs[:, k, 0] = 1.0
+    rhs[:, k, 0].fill_(1.0)  # fill_, not "= 1.0", which copies a host scalar
     solution, _ = torch.linalg.solve_ex(system, rhs)
     alphas = solution[:, :k, 0] * masks
     values = torch.einsum("bi,ij,bj->b", alphas, g, alphas)
     feasible = (alphas >= -1e-9).all(dim=1) & torch.isfinite(values)
     values = torch.where(feasible, values, torch.full_like(values, float("inf")))
-    best = alphas[torch.argmin(values)].clamp_min(0)
+    # index_select, not alphas[tensor]: indexing with a 0-d tensor reads it back to the host.
+    best = torch.index_select(alphas, 0, torch.argmin(values).reshape(1))[0].clamp_min(0)
     best = best / best.sum().clamp_min(torch.finfo(torch.float64).tiny)
     return best.to(gram.dtype)

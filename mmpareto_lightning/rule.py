@@ -195,7 +195,7 @@ def integrate_gradients(
         weights = ones
     elif config.strategy == "multimodal_only":
         weights = torch.zeros_like(ones)
-        weights[0] = 1.0
+        weights[0].fill_(1.0)
     else:
         if k == 2:
             mgda = min_norm_2(gram[0, 0], gram[0, 1], gram[1, 1]).to(gram.dtype)
