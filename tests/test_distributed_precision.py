@@ -62,15 +62,20 @@ def _ddp_model() -> MultiModalNet:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_spawn_find_unused_parameters_true"])
-def test_ddp_two_processes_equal_one_process_with_the_global_batch(tmp_path, strategy: str) -> None:
-    steps, per_rank = 6, 8
+@pytest.mark.parametrize(
+    ("strategy", "accumulate"),
+    [("ddp_spawn", 1), ("ddp_spawn_find_unused_parameters_true", 1), ("ddp_spawn", 2)],
+)
+def test_ddp_two_processes_equal_one_process_with_the_global_batch(
+    tmp_path, strategy: str, accumulate: int
+) -> None:
+    steps, per_rank = 6, 8 // accumulate
     ddp_dir = tmp_path / "ddp"
     ddp_dir.mkdir()
     trainer = pl.Trainer(
         max_steps=steps,
         strategy=strategy,
-        callbacks=[MMParetoCallback(), SaveRankState(str(ddp_dir))],
+        callbacks=[MMParetoCallback(accumulate_grad_batches=accumulate), SaveRankState(str(ddp_dir))],
         **trainer_kwargs(devices=2, use_distributed_sampler=False),
     )
     trainer.fit(_ddp_model(), datamodule=InterleavedData(per_rank))
@@ -82,7 +87,8 @@ def test_ddp_two_processes_equal_one_process_with_the_global_batch(tmp_path, str
         callbacks=[MMParetoCallback(), SaveRankState(str(single_dir))],
         **trainer_kwargs(use_distributed_sampler=False),
     )
-    trainer.fit(_ddp_model(), datamodule=InterleavedData(2 * per_rank))
+    # With accumulation, each rank's micro-batches of B/2 still cover the same 2B samples per step.
+    trainer.fit(_ddp_model(), datamodule=InterleavedData(2 * per_rank * accumulate))
 
     rank0, rank1 = torch.load(ddp_dir / "rank0.pt"), torch.load(ddp_dir / "rank1.pt")
     single = torch.load(single_dir / "rank0.pt")

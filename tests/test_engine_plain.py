@@ -136,3 +136,60 @@ def test_engine_rule_config_is_used() -> None:
     stats = engine.integrate()
     for s in stats.values():
         assert s.alphas.tolist() == [0.5, 0.5]
+
+
+class TupleEncoder(torch.nn.Module):
+    """Returns (features, auxiliary) and is called once per view: two calls, four captured outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(5, 8)
+        self.aux = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        z = torch.tanh(self.body(x))
+        return z, self.aux(z)
+
+
+class TwoViewNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.audio = TupleEncoder()
+        self.visual = torch.nn.Linear(7, 8)
+        self.head = torch.nn.Linear(16, 3)
+        self.head_audio = torch.nn.Linear(8 + 2, 3)
+        self.head_visual = torch.nn.Linear(8, 3)
+
+    def losses(self, batch):
+        xa, xv, y = batch
+        (za1, aux1), (za2, _aux2) = self.audio(xa), self.audio(xa.flip(0))  # the second aux is unused
+        zv = self.visual(xv)
+        ce = torch.nn.functional.cross_entropy
+        return {
+            "multimodal": ce(self.head(torch.cat([za1 + za2, zv], 1)), y),
+            "audio": ce(self.head_audio(torch.cat([za1, aux1], 1)), y),
+            "visual": ce(self.head_visual(zv), y),
+        }
+
+
+def test_tuple_outputs_and_repeated_encoder_calls_split_exactly() -> None:
+    torch.manual_seed(0)
+    model = TwoViewNet()
+    reference_model = copy.deepcopy(model)
+    batch = next(iter(make_loader(2)))
+    splitter = GradientSplitter({"audio": model.audio, "visual": model.visual})
+    with splitter.capture():
+        losses = model.losses(batch)
+    layouts = splitter.backward(losses)
+    losses = reference_model.losses(batch)
+    for name, module in (("audio", reference_model.audio), ("visual", reference_model.visual)):
+        params = list(module.parameters())
+        for objective, flat in zip(layouts[name].objectives, layouts[name].grads, strict=True):
+            grads = torch.autograd.grad(losses[objective], params, retain_graph=True, allow_unused=True)
+            expected = torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).reshape(-1)
+                    for p, g in zip(params, grads, strict=True)
+                ]
+            )
+            torch.testing.assert_close(flat, expected, rtol=1e-6, atol=1e-7)
