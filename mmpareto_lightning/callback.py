@@ -229,35 +229,33 @@ class MMParetoCallback(Callback):
                 raise MisconfigurationException(str(err)) from err
 
         detached = {k: v.detach() for k, v in losses.items()}
-        total = torch.stack(list(detached.values())).sum()
         assert self._metrics is not None
-        for key, metric in self._metrics.update_losses(detached).items():
-            pl_module.log(
-                key,
-                metric,
-                on_step=self.log_on_step,
-                on_epoch=self.log_on_epoch,
-                prog_bar=key == "train/loss",
-            )
+        if self._metrics.update_losses(detached) and hasattr(pl_module, "_metric_attributes"):
+            # New metric objects: Lightning caches where the module's metrics live on the first
+            # `self.log(<Metric>)` (e.g. in validation), so the cache is dropped to find them too.
+            pl_module._metric_attributes = None
+        log_step = self.log_on_step and _is_logging_step(trainer)
+        if log_step:
+            pl_module.log_dict(self._metrics.loss_step_values(detached), on_step=True, on_epoch=False)
+        total = torch.stack(list(detached.values())).sum()
         if not last:
             return {"loss": total, **detached}
 
         self._micro_batches = 0
         stats = self._engine.integrate(reduce_fn=_mean_across_ranks(trainer))
-        valid: Tensor | None = None
+        finite: Tensor | None = None
         if scaler is None and self.skip_non_finite:
             finite = self._engine.all_finite(pl_module.parameters())
             if trainer.world_size > 1:
                 finite = _all_ranks(finite)
-            if not bool(finite):  # the step's single host synchronisation
-                self._skip_step(pl_module, optimizer, stats)
-                valid = finite
-            else:
-                optimizer.step()
+        # Metrics are updated before the finite check reads the device, so their kernels are queued
+        # while the GPU still works on the backward.
+        self._record(pl_module, stats, finite, log_step)
+        if finite is not None and not bool(finite):  # the step's single host synchronisation
+            self._skip_step(pl_module, optimizer, stats)
         else:
             optimizer.step()
         self.optimizer_steps += 1
-        self._record(pl_module, stats, valid)
         _step_schedulers(
             trainer, pl_module, "step", plateau=False, index=trainer.fit_loop.epoch_loop.batch_idx + 1
         )
@@ -279,22 +277,22 @@ class MMParetoCallback(Callback):
         optimizer.zero_grad(set_to_none=True)
 
     def _record(
-        self, pl_module: MMParetoModule, stats: Mapping[str, RuleStats], valid: Tensor | None
+        self, pl_module: MMParetoModule, stats: Mapping[str, RuleStats], valid: Tensor | None, log_step: bool
     ) -> None:
         assert self._metrics is not None
-        logged = self._metrics.update(stats, valid)
-        for key, metric in logged.items():
-            pl_module.log(key, metric, on_step=self.log_on_step, on_epoch=self.log_on_epoch)
+        self._metrics.update(stats, valid)
         for name, s in stats.items():
             ok = s.finite if valid is None else s.finite & valid
             self._totals[name] += torch.stack([s.conflict & ok, s.stationary & ok]).to(torch.float32)
-            pl_module.log(
-                f"mmpareto/{name}/conflicts_total", self._totals[name][0], on_step=True, on_epoch=False
-            )
-            pl_module.log(
-                f"mmpareto/{name}/stationary_total", self._totals[name][1], on_step=True, on_epoch=False
-            )
-        pl_module.log("mmpareto/skipped_steps", self._skipped_tensor, on_step=True, on_epoch=False)
+        if not log_step:
+            return
+        values = self._metrics.step_values(stats)
+        for name, totals in self._totals.items():
+            values[f"mmpareto/{name}/conflicts_total"] = totals[0]
+            values[f"mmpareto/{name}/stationary_total"] = totals[1]
+        # The counter of skipped steps only changes after this point: it is logged as it was before.
+        values["mmpareto/skipped_steps"] = self._skipped_tensor
+        pl_module.log_dict(values, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ hooks
     def on_before_optimizer_step(
@@ -309,7 +307,17 @@ class MMParetoCallback(Callback):
             )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _step_schedulers(trainer, pl_module, "epoch", plateau=None, index=trainer.current_epoch + 1)
+        epoch_values: dict[str, Tensor] = {}
+        if self.log_on_epoch and self._metrics is not None:
+            for key, metric in self._metrics.epoch_metrics().items():
+                if metric.update_called:
+                    pl_module.log(
+                        key, metric, on_step=False, on_epoch=True, prog_bar=key == "train/loss_epoch"
+                    )
+                    epoch_values[key] = metric.compute()
+        _step_schedulers(
+            trainer, pl_module, "epoch", plateau=None, index=trainer.current_epoch + 1, extra=epoch_values
+        )
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.training or (trainer.state.fn == "fit" and not trainer.sanity_checking):
@@ -408,8 +416,19 @@ def _all_ranks(flag: Tensor) -> Tensor:
     return value[0] > 0.5
 
 
+def _is_logging_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes logs this step (``log_every_n_steps``): step values are logged only then."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True) or trainer.fast_dev_run)
+
+
 def _step_schedulers(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, interval: str, plateau: bool | None, index: int
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    interval: str,
+    plateau: bool | None,
+    index: int,
+    extra: Mapping[str, Tensor] | None = None,
 ) -> None:
     """Step LR schedulers as automatic optimization would (manual optimization does not)."""
     for config in trainer.lr_scheduler_configs:
@@ -419,11 +438,13 @@ def _step_schedulers(
             continue
         monitor_val = None
         if config.reduce_on_plateau:
-            monitor_val = trainer.callback_metrics.get(config.monitor) if config.monitor else None
+            # The epoch values logged a moment ago reach callback_metrics only after this hook.
+            available = {**(extra or {}), **trainer.callback_metrics}
+            monitor_val = available.get(config.monitor) if config.monitor else None
             if monitor_val is None:
                 message = (
                     f"ReduceLROnPlateau conditioned on metric {config.monitor!r}, which is not available. "
-                    f"Available metrics are: {list(trainer.callback_metrics)}."
+                    f"Available metrics are: {sorted(available)}."
                 )
                 if config.strict:
                     raise MisconfigurationException(message)

@@ -41,22 +41,30 @@ def _sum() -> SumMetric:
 
 
 class MMParetoMetrics(nn.Module):
-    """The MMPareto metrics of a set of encoders.
+    """The MMPareto metrics of a set of encoders, and the training losses.
+
+    Every step adds its values with ``update`` (no ``forward``: computing a per-batch value each step
+    would double the work); :meth:`step_values` gives the step's plain tensors for the logger on the
+    steps Lightning writes logs, and :meth:`epoch_metrics` the metric objects to log at epoch end.
 
     Args:
         encoders: encoder names.
-        prefix: logging namespace; metric keys are ``f"{prefix}/{encoder}/{name}"``.
+        prefix: logging namespace of the rule's metrics: ``f"{prefix}/{encoder}/{name}"``.
+        loss_prefix: logging namespace of the losses: ``f"{loss_prefix}/loss_{name}"``.
 
     Example::
 
         metrics = MMParetoMetrics(["audio", "visual"])
-        for key, metric in metrics.update(stats).items():
-            lightning_module.log(key, metric, on_step=True, on_epoch=True)
+        metrics.update(stats)                              # every step
+        lightning_module.log_dict(metrics.step_values(stats))  # on logging steps
+        for key, metric in metrics.epoch_metrics().items():   # at epoch end
+            lightning_module.log(key, metric, on_step=False, on_epoch=True)
     """
 
-    def __init__(self, encoders: Sequence[str], prefix: str = "mmpareto") -> None:
+    def __init__(self, encoders: Sequence[str], prefix: str = "mmpareto", loss_prefix: str = "train") -> None:
         super().__init__()
         self.prefix = prefix
+        self.loss_prefix = loss_prefix
         self.per_encoder = nn.ModuleDict(
             {
                 name: nn.ModuleDict(
@@ -75,44 +83,69 @@ class MMParetoMetrics(nn.Module):
         # Created on the first step, when the loss names are known.
         self.losses = nn.ModuleDict()
 
-    def update_losses(self, losses: Mapping[str, Tensor], prefix: str = "train") -> dict[str, Metric]:
-        """Add one step's losses (and their sum); returns ``f"{prefix}/loss_<name>"`` -> metric."""
-        values = dict(losses)
-        values[""] = torch.stack([v.reshape(()) for v in losses.values()]).sum()
-        logged: dict[str, Metric] = {}
-        for name, value in values.items():
-            key = f"loss_{name}" if name else "loss"
-            if key not in self.losses:
-                self.losses[key] = MeanMetric(nan_strategy="disable").to(value.device)
-            finite = torch.isfinite(value)
-            self.losses[key](torch.where(finite, value.float(), 0.0), finite.float())
-            logged[f"{prefix}/{key}"] = self.losses[key]
-        return logged
+    @staticmethod
+    def _with_total(losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        values = {f"loss_{k}": v.detach().reshape(()) for k, v in losses.items()}
+        values["loss"] = torch.stack(list(values.values())).sum()
+        return values
 
-    def update(self, stats: Mapping[str, RuleStats], valid: Tensor | None = None) -> dict[str, Metric]:
-        """Add one step's statistics; returns key -> metric, ready for ``LightningModule.log``.
+    def update_losses(self, losses: Mapping[str, Tensor]) -> bool:
+        """Add one step's losses and their sum. Returns whether new loss metrics were created."""
+        created = False
+        for key, value in self._with_total(losses).items():
+            if key not in self.losses:
+                # Default sync_on_compute: the epoch mean of a rank-local loss is averaged across ranks.
+                self.losses[key] = MeanMetric(nan_strategy="disable").to(value.device)
+                created = True
+            finite = torch.isfinite(value)
+            self.losses[key].update(torch.where(finite, value.float(), 0.0), finite.float())
+        return created
+
+    def loss_step_values(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``f"{loss_prefix}/loss_<name>_step"`` -> this step's (rank-local) loss."""
+        return {f"{self.loss_prefix}/{k}_step": v for k, v in self._with_total(losses).items()}
+
+    def update(self, stats: Mapping[str, RuleStats], valid: Tensor | None = None) -> None:
+        """Add one step's statistics.
 
         Args:
             stats: encoder -> :class:`RuleStats` of the step.
             valid: 0-d bool tensor; a step whose update was skipped (non-finite values) enters with zero
                 weight instead of poisoning the means.
         """
-        logged: dict[str, Metric] = {}
         for name, s in stats.items():
             metrics = self.per_encoder[name]
             ok = s.finite if valid is None else s.finite & valid
             weight = ok.to(torch.float32)
-            values = {
-                "cos_beta": s.cos_beta,
-                "alpha_multimodal": s.alphas[0],
-                "alpha_unimodal": s.alphas[1],
-                "rescale": s.rescale,
-            }
-            for key, value in values.items():
-                value = torch.where(ok, value.to(torch.float32), 0.0)
-                metrics[key](value, weight)
-            metrics["conflicts"]((s.conflict & ok).to(torch.float32))
-            metrics["stationary"]((s.stationary & ok).to(torch.float32))
+            for key, value in self._means(s).items():
+                metrics[key].update(torch.where(ok, value, 0.0), weight)
+            metrics["conflicts"].update((s.conflict & ok).to(torch.float32))
+            metrics["stationary"].update((s.stationary & ok).to(torch.float32))
+
+    @staticmethod
+    def _means(s: RuleStats) -> dict[str, Tensor]:
+        return {
+            "cos_beta": s.cos_beta.to(torch.float32),
+            "alpha_multimodal": s.alphas[0].to(torch.float32),
+            "alpha_unimodal": s.alphas[1].to(torch.float32),
+            "rescale": s.rescale.to(torch.float32),
+        }
+
+    def step_values(self, stats: Mapping[str, RuleStats]) -> dict[str, Tensor]:
+        """``f"{prefix}/<encoder>/<name>_step"`` -> this step's value, as 0-d tensors on the device."""
+        values: dict[str, Tensor] = {}
+        for name, s in stats.items():
+            step = {**self._means(s), "conflicts": s.conflict.float(), "stationary": s.stationary.float()}
             for key in METRIC_NAMES:
-                logged[f"{self.prefix}/{name}/{key}"] = metrics[key]
-        return logged
+                values[f"{self.prefix}/{name}/{key}_step"] = step[key]
+        return values
+
+    def epoch_metrics(self) -> dict[str, Metric]:
+        """``"<key>_epoch"`` -> metric (epoch means of the rule's values and losses, epoch counts)."""
+        out: dict[str, Metric] = {}
+        for name, metrics in self.per_encoder.items():
+            for key in METRIC_NAMES:
+                out[f"{self.prefix}/{name}/{key}_epoch"] = metrics[key]
+        for key, metric in self.losses.items():
+            out[f"{self.loss_prefix}/{key}_epoch"] = metric
+        return out

@@ -76,6 +76,14 @@ def _identity(loss: Tensor) -> Tensor:
     return loss
 
 
+def _accumulate_into(view: Tensor, zero: Tensor) -> Callable[[Tensor], Tensor]:
+    def hook(grad: Tensor) -> Tensor:
+        view.add_(grad.reshape(-1))
+        return zero.expand_as(grad)
+
+    return hook
+
+
 def _flatten_tensors(output: object) -> list[Tensor]:
     if isinstance(output, Tensor):
         return [output]
@@ -238,7 +246,10 @@ class GradientSplitter:
 
         new_window = not (accumulate and self._window_open)
         self._ensure_buffers(all_outputs[0].device)
-        self._extra_vjps(cot, owner, all_outputs, new_window)
+        if new_window and self._extra_buffer is not None:
+            # One fill for all encoders; parameters an objective does not reach keep a zero gradient.
+            self._extra_buffer.zero_()
+        self._extra_vjps(cot, owner, all_outputs)
 
         finite = torch.stack([torch.isfinite(losses[n].detach()).all() for n in names])
         if new_window or self.loss_finite is None or names != self.loss_names:
@@ -348,7 +359,6 @@ class GradientSplitter:
         cot: Mapping[str, list[Tensor | None]],
         owner: list[str],
         outputs: list[Tensor],
-        new_window: bool,
     ) -> None:
         # Round r differentiates, for every encoder that has one, its r-th extra objective: all encoders
         # go through a single autograd call, so the paper's setting costs one extra encoder backward.
@@ -368,17 +378,18 @@ class GradientSplitter:
                         cots.append(c)
                 params.extend(layout.params)
                 targets.extend(layout.grads[k].split(layout.segments))
-            grads = torch.autograd.grad(outs, params, cots, retain_graph=True, allow_unused=True)
-            present = [(t, g) for t, g in zip(targets, grads, strict=True) if g is not None]
-            if new_window and len(present) != len(targets):
-                torch._foreach_zero_(targets)  # parameters the objective does not reach
-            if present:
-                views = [t for t, _ in present]
-                values = [g.reshape(-1) for _, g in present]
-                if new_window:
-                    torch._foreach_copy_(views, values)
-                else:
-                    torch._foreach_add_(views, values)
+            zero = torch.zeros((), dtype=params[0].dtype, device=params[0].device)
+            # Each parameter's gradient is added into its flat view by a hook as soon as autograd has
+            # it, and the hook hands autograd back an expanded zero: the results of autograd.grad hold
+            # no memory, so no second copy of the encoder gradients exists at any point.
+            handles = [
+                p.register_hook(_accumulate_into(view, zero)) for p, view in zip(params, targets, strict=True)
+            ]
+            try:
+                torch.autograd.grad(outs, params, cots, retain_graph=True, allow_unused=True)
+            finally:
+                for handle in handles:
+                    handle.remove()
 
     def _restore_grad_views(self) -> None:
         # Something may have replaced a .grad (DDP with gradient_as_bucket_view=True): copy it back in.

@@ -1,0 +1,95 @@
+"""Smoke test of ``benchmarks/step_time.py`` on a tiny budget (no wall-clock thresholds: shared CI)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from mmpareto_lightning import RuleConfig
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    # Loaded from its path: ``benchmarks`` is a folder of scripts, not an installed package. Registered
+    # in sys.modules first because dataclasses resolve their module while the file executes.
+    spec = importlib.util.spec_from_file_location("mmpareto_step_time", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(report: str, header_start: str) -> dict[str, list[str]]:
+    """First column -> other cells of the Markdown table whose header starts with ``header_start``."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_report_has_three_methods_and_passing_check(bench: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "bench.md"
+    report = bench.main(
+        [
+            "--device", "cpu", "--iters", "2", "--warmup", "1", "--batch-size", "4", "--image-size", "8",
+            "--width", "4", "--encoders", "2", "3", "--scaling-iters", "1", "--lightning-rounds", "1",
+            "--markdown", str(out),
+        ]
+    )  # fmt: skip
+    assert out.read_text(encoding="utf-8") == report
+    assert "correctness pre-check PASSED" in report
+
+    main = _rows(report, "| method | median ms")
+    assert set(main) == {"uniform", "mmpareto", "authors"}
+    for cells in main.values():
+        median, iqr = float(cells[0]), float(cells[1])
+        assert math.isfinite(median) and median > 0 and iqr >= 0
+        assert cells[2].endswith("x")
+        assert cells[3] == "n/a" or float(cells[3]) > 0  # n/a only if torch's private MemTracker is missing
+    assert main["uniform"][2] == "1.00x"
+
+    lightning = _rows(report, "| method (through Lightning Trainer)")
+    assert set(lightning) == {"lightning uniform", "lightning mmpareto"}
+    assert all(float(c[0]) > 0 for c in lightning.values())
+
+    scaling = _rows(report, "| encoders |")
+    assert set(scaling) == {"2", "3"}
+    for cells in scaling.values():
+        assert all(float(c) > 0 for c in cells[:3])
+        assert all(re.fullmatch(r"\d+\.\d\dx", c) for c in cells[3:])
+
+
+def test_precheck_catches_a_wrong_engine(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = bench.ModelSpec("small-cnn", image_size=8, width=4)
+    torch.manual_seed(0)
+    base = spec.build(2)
+    batch = bench.make_batch(spec, list(base.encoders), 4, torch.device("cpu"), 0)
+    assert bench.check_correctness(base, batch).passed
+
+    class WrongEngine(bench.EngineStep):  # type: ignore[name-defined,misc]
+        def __init__(self, net: torch.nn.Module, b: dict[str, torch.Tensor]) -> None:
+            super().__init__(net, b, RuleConfig(strategy="uniform"))  # not the authors' rule
+
+    monkeypatch.setattr(bench, "EngineStep", WrongEngine)
+    check = bench.check_correctness(base, batch)
+    assert not check.passed
+    assert all(e > 1e-3 for e in check.engine_error.values())
+    with pytest.raises(AssertionError, match="pre-check failed"):
+        bench.run_main(
+            spec, 2, 4, torch.device("cpu"), iters=1, warmup=0, seed=0, lightning=False, memory=False
+        )

@@ -1,0 +1,223 @@
+"""The ``mmpareto-lightning`` LightningCLI: shipped configs, YAML-only callback setup, sub-commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("jsonargparse")
+pytest.importorskip("sklearn")
+
+from mmpareto_examples import CONFIG_DIR
+from mmpareto_examples.fake_data import write_fake_av_dataset
+from mmpareto_examples.models import AVClassifier, CGDigitsClassifier
+
+from mmpareto_lightning import MMParetoCallback
+from mmpareto_lightning.cli import build_cli, main
+
+REPO = Path(__file__).resolve().parent.parent
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def _mmpareto_callback(trainer) -> MMParetoCallback:
+    found = [cb for cb in trainer.callbacks if isinstance(cb, MMParetoCallback)]
+    assert len(found) == 1
+    return found[0]
+
+
+@pytest.mark.parametrize("name", ["cg_digits.yaml", "cg_digits_3mod.yaml"])
+def test_fit_cg_digits_configs(name, tmp_path):
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            str(CONFIG_DIR / name),
+            "--trainer.fast_dev_run=2",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+        ]
+    )
+    assert isinstance(cli.model, CGDigitsClassifier)
+    assert cli.trainer.global_step == 2
+    cb = _mmpareto_callback(cli.trainer)
+    assert cb.rule.strategy == "mmpareto" and cb.optimizer_steps == 2
+    for m in cli.model.modalities:
+        assert f"mmpareto/{m}/cos_beta_step" in cli.trainer.callback_metrics
+    assert "val/acc" in cli.trainer.callback_metrics
+
+
+@pytest.mark.parametrize(
+    ("name", "list_ext", "num_frames"), [("cremad.yaml", "csv", 1), ("kinetics_sounds.yaml", "txt", 3)]
+)
+def test_fit_av_configs_on_the_fake_layout(name, list_ext, num_frames, tmp_path):
+    root = tmp_path / "data"
+    write_fake_av_dataset(
+        root, classes=["a", "b", "c"], clips_per_class=2, frames_per_clip=6, list_ext=list_ext
+    )
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            str(CONFIG_DIR / name),
+            f"--data.init_args.root={root}",
+            "--data.init_args.image_size=32",
+            "--data.init_args.batch_size=3",
+            "--data.init_args.num_workers=0",
+            "--model.init_args.num_classes=3",
+            "--trainer.accelerator=cpu",
+            "--trainer.fast_dev_run=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+        ]
+    )
+    assert isinstance(cli.model, AVClassifier)
+    assert cli.datamodule.hparams.num_frames == num_frames
+    assert cli.trainer.global_step == 1
+    assert {"val/acc", "val/acc_audio", "mmpareto/visual/cos_beta_step"} <= set(cli.trainer.callback_metrics)
+
+
+def test_av_configs_hold_the_paper_hyperparameters():
+    for name, classes in (("cremad.yaml", 6), ("kinetics_sounds.yaml", 31)):
+        config = yaml.safe_load((CONFIG_DIR / name).read_text())
+        model = config["model"]["init_args"]
+        assert (model["lr"], model["momentum"], model["weight_decay"]) == (0.002, 0.9, 0.0001)
+        assert model["num_classes"] == classes
+        assert config["data"]["init_args"]["batch_size"] == 64
+        assert config["trainer"]["max_epochs"] == 50
+
+
+def test_callback_configured_only_from_yaml(tmp_path):
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_epochs": 1,
+            "limit_train_batches": 2,
+            "limit_val_batches": 1,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path),
+            "callbacks": [
+                {
+                    "class_path": "mmpareto_lightning.MMParetoCallback",
+                    "init_args": {
+                        "strategy": "pareto",
+                        "rescale": "per_encoder",
+                        "gamma": 2.0,
+                        "gradient_clip_val": 0.5,
+                        "gradient_clip_algorithm": "value",
+                        "accumulate_grad_batches": 2,
+                    },
+                }
+            ],
+        },
+        "model": {
+            "class_path": "mmpareto_examples.models.CGDigitsClassifier",
+            "init_args": {"feature_dim": 16},
+        },
+        "data": {
+            "class_path": "mmpareto_examples.cg_digits.CGDigitsDataModule",
+            "init_args": {"batch_size": 16},
+        },
+    }
+    path = tmp_path / "only_yaml.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = build_cli(["fit", "--config", str(path)])
+    cb = _mmpareto_callback(cli.trainer)
+    assert (cb.rule.strategy, cb.rule.rescale, cb.rule.gamma) == ("pareto", "per_encoder", 2.0)
+    assert (cb.gradient_clip_val, cb.gradient_clip_algorithm, cb.accumulate_grad_batches) == (0.5, "value", 2)
+    # Two batches accumulated into one optimizer step.
+    assert cli.trainer.global_step == 1 and cb.optimizer_steps == 1
+    assert cli.model.encoders["gray"].feature_dim == 16
+
+
+def test_callback_options_from_the_command_line(tmp_path):
+    cli = build_cli(
+        [
+            "--config",
+            str(CONFIG_DIR / "cg_digits.yaml"),
+            "--trainer.callbacks.init_args.strategy=uniform",
+            "--trainer.callbacks.init_args.gamma=1.25",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+    )
+    cb = _mmpareto_callback(cli.trainer)
+    assert cb.rule.strategy == "uniform" and cb.rule.gamma == 1.25
+    assert cb.rule.rescale == "per_tensor"  # untouched values keep the config's
+
+
+# Evaluating without a logger moves the restored checkpoint callback's directory; harmless here.
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_validate_test_and_predict_subcommands(tmp_path):
+    common = [
+        "--config",
+        str(CONFIG_DIR / "cg_digits.yaml"),
+        f"--trainer.default_root_dir={tmp_path}",
+        *QUIET,
+    ]
+    fit = build_cli(
+        [
+            "fit",
+            *common,
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.log_every_n_steps=1",
+        ]
+    )
+    ckpt = fit.trainer.checkpoint_callback.best_model_path or fit.trainer.checkpoint_callback.last_model_path
+    assert ckpt and Path(ckpt).is_file()
+    common += ["--trainer.logger=false"]
+    val = build_cli(["validate", *common, "--trainer.limit_val_batches=2", f"--ckpt_path={ckpt}"])
+    assert 0.0 <= float(val.trainer.callback_metrics["val/acc"]) <= 1.0
+    test = build_cli(["test", *common, "--trainer.limit_test_batches=2", f"--ckpt_path={ckpt}"])
+    assert {"test/acc", "test/macro_f1", "test/acc_gray", "test/acc_color"} <= set(
+        test.trainer.callback_metrics
+    )
+    pred = build_cli(["predict", *common, "--trainer.limit_predict_batches=2", "--return_predictions=true"])
+    outputs = pred.trainer.predict_loop.predictions
+    assert len(outputs) == 2 and outputs[0]["pred"].shape == (64,)
+    assert torch.allclose(outputs[0]["probs"].sum(1), torch.ones(64))
+
+
+def test_main_dispatches_compare_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--seeds" in out and "--output-dir" in out and "mmpareto" in out
+
+
+def test_help_mentions_compare(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "compare" in out and "fit" in out and "predict" in out
+
+
+@pytest.mark.slow
+def test_training_script_runs_directly(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "examples" / "train_cg_digits.py"),
+            "--fast-dev-run",
+            "--strategy",
+            "pareto",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "test/acc=" in out.stdout and "test/acc_color=" in out.stdout
