@@ -127,6 +127,7 @@ class MMParetoCallback(Callback):
         self.skipped_steps = 0
         self._loaded_totals: dict[str, dict[str, int]] = {}
         self._skipped_tensor = torch.zeros(())
+        self._parameters: list[nn.Parameter] = []
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -165,6 +166,7 @@ class MMParetoCallback(Callback):
             self._engine = MMParetoEngine(encoders, self.rule, multimodal_key=self.multimodal_key)
         except GradientSplittingError as err:
             raise MisconfigurationException(str(err)) from err
+        self._parameters = [p for p in pl_module.parameters() if p.requires_grad]
         self._metrics = MMParetoMetrics(list(encoders)).to(pl_module.device)
         # torchmetrics objects logged with `self.log` must be attributes of the LightningModule.
         pl_module.mmpareto_metrics = self._metrics
@@ -245,7 +247,7 @@ class MMParetoCallback(Callback):
         stats = self._engine.integrate(reduce_fn=_mean_across_ranks(trainer))
         finite: Tensor | None = None
         if scaler is None and self.skip_non_finite:
-            finite = self._engine.all_finite(pl_module.parameters())
+            finite = self._engine.all_finite(self._parameters)
             if trainer.world_size > 1:
                 finite = _all_ranks(finite)
         # Metrics are updated before the finite check reads the device, so their kernels are queued

@@ -43,9 +43,11 @@ def _sum() -> SumMetric:
 class MMParetoMetrics(nn.Module):
     """The MMPareto metrics of a set of encoders, and the training losses.
 
-    Every step adds its values with ``update`` (no ``forward``: computing a per-batch value each step
-    would double the work); :meth:`step_values` gives the step's plain tensors for the logger on the
-    steps Lightning writes logs, and :meth:`epoch_metrics` the metric objects to log at epoch end.
+    Every step adds its values to one running-sum tensor per encoder (a single device op: updating a
+    dozen torchmetrics objects per step would cost more CPU time than the rule itself). At epoch end
+    :meth:`epoch_metrics` folds the sums into the torchmetrics objects, which Lightning computes, syncs
+    where needed, logs and resets; a weighted mean of weighted means is the same mean.
+    :meth:`step_values` gives a step's plain tensors for the steps Lightning writes logs.
 
     Args:
         encoders: encoder names.
@@ -55,11 +57,13 @@ class MMParetoMetrics(nn.Module):
     Example::
 
         metrics = MMParetoMetrics(["audio", "visual"])
-        metrics.update(stats)                              # every step
+        metrics.update(stats)                                  # every step
         lightning_module.log_dict(metrics.step_values(stats))  # on logging steps
-        for key, metric in metrics.epoch_metrics().items():   # at epoch end
+        for key, metric in metrics.epoch_metrics().items():    # at epoch end
             lightning_module.log(key, metric, on_step=False, on_epoch=True)
     """
+
+    _MEANS = ("cos_beta", "alpha_multimodal", "alpha_unimodal", "rescale")
 
     def __init__(self, encoders: Sequence[str], prefix: str = "mmpareto", loss_prefix: str = "train") -> None:
         super().__init__()
@@ -82,6 +86,10 @@ class MMParetoMetrics(nn.Module):
         )
         # Created on the first step, when the loss names are known.
         self.losses = nn.ModuleDict()
+        # encoder -> [sum w*cos, sum w*alpha_m, sum w*alpha_u, sum w*rescale, sum w, conflicts, stationary]
+        self._running: dict[str, Tensor] = {}
+        self._loss_names: list[str] = []
+        self._loss_running: Tensor | None = None  # (2, L): sum of finite losses, count of finite ones
 
     @staticmethod
     def _with_total(losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -91,14 +99,21 @@ class MMParetoMetrics(nn.Module):
 
     def update_losses(self, losses: Mapping[str, Tensor]) -> bool:
         """Add one step's losses and their sum. Returns whether new loss metrics were created."""
+        values = self._with_total(losses)
+        names = list(values)
         created = False
-        for key, value in self._with_total(losses).items():
-            if key not in self.losses:
-                # Default sync_on_compute: the epoch mean of a rank-local loss is averaged across ranks.
-                self.losses[key] = MeanMetric(nan_strategy="disable").to(value.device)
-                created = True
-            finite = torch.isfinite(value)
-            self.losses[key].update(torch.where(finite, value.float(), 0.0), finite.float())
+        if names != self._loss_names:
+            self._flush_losses()
+            self._loss_names = names
+            for key, value in values.items():
+                if key not in self.losses:
+                    # Default sync_on_compute: the epoch mean of a rank-local loss is averaged across ranks.
+                    self.losses[key] = MeanMetric(nan_strategy="disable").to(value.device)
+                    created = True
+        stacked = torch.stack(list(values.values())).float()
+        finite = torch.isfinite(stacked)
+        step = torch.stack([torch.where(finite, stacked, 0.0), finite.float()])
+        self._loss_running = step if self._loss_running is None else self._loss_running + step
         return created
 
     def loss_step_values(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -114,22 +129,17 @@ class MMParetoMetrics(nn.Module):
                 weight instead of poisoning the means.
         """
         for name, s in stats.items():
-            metrics = self.per_encoder[name]
             ok = s.finite if valid is None else s.finite & valid
             weight = ok.to(torch.float32)
-            for key, value in self._means(s).items():
-                metrics[key].update(torch.where(ok, value, 0.0), weight)
-            metrics["conflicts"].update((s.conflict & ok).to(torch.float32))
-            metrics["stationary"].update((s.stationary & ok).to(torch.float32))
+            means = [torch.where(ok, v, 0.0) * weight for v in self._means(s).values()]
+            step = torch.stack([*means, weight, (s.conflict & ok).float(), (s.stationary & ok).float()])
+            running = self._running.get(name)
+            self._running[name] = step if running is None else running.add_(step)
 
-    @staticmethod
-    def _means(s: RuleStats) -> dict[str, Tensor]:
-        return {
-            "cos_beta": s.cos_beta.to(torch.float32),
-            "alpha_multimodal": s.alphas[0].to(torch.float32),
-            "alpha_unimodal": s.alphas[1].to(torch.float32),
-            "rescale": s.rescale.to(torch.float32),
-        }
+    @classmethod
+    def _means(cls, s: RuleStats) -> dict[str, Tensor]:
+        values = (s.cos_beta, s.alphas[0], s.alphas[1], s.rescale)
+        return {k: v.to(torch.float32) for k, v in zip(cls._MEANS, values, strict=True)}
 
     def step_values(self, stats: Mapping[str, RuleStats]) -> dict[str, Tensor]:
         """``f"{prefix}/<encoder>/<name>_step"`` -> this step's value, as 0-d tensors on the device."""
@@ -140,8 +150,29 @@ class MMParetoMetrics(nn.Module):
                 values[f"{self.prefix}/{name}/{key}_step"] = step[key]
         return values
 
+    def _flush_losses(self) -> None:
+        if self._loss_running is None:
+            return
+        sums, counts = self._loss_running
+        for i, key in enumerate(self._loss_names):
+            self.losses[key].update(sums[i] / counts[i].clamp_min(1), counts[i])
+        self._loss_running = None
+
+    def flush(self) -> None:
+        """Fold the running sums of the epoch into the torchmetrics objects."""
+        for name, running in self._running.items():
+            metrics = self.per_encoder[name]
+            weight = running[4]
+            for i, key in enumerate(self._MEANS):
+                metrics[key].update(running[i] / weight.clamp_min(1), weight)
+            metrics["conflicts"].update(running[5])
+            metrics["stationary"].update(running[6])
+        self._running = {}
+        self._flush_losses()
+
     def epoch_metrics(self) -> dict[str, Metric]:
         """``"<key>_epoch"`` -> metric (epoch means of the rule's values and losses, epoch counts)."""
+        self.flush()
         out: dict[str, Metric] = {}
         for name, metrics in self.per_encoder.items():
             for key in METRIC_NAMES:

@@ -245,7 +245,7 @@ class GradientSplitter:
             self._checked_graph = True
 
         new_window = not (accumulate and self._window_open)
-        self._ensure_buffers(all_outputs[0].device)
+        self._ensure_buffers()
         if new_window and self._extra_buffer is not None:
             # One fill for all encoders; parameters an objective does not reach keep a zero gradient.
             self._extra_buffer.zero_()
@@ -258,8 +258,15 @@ class GradientSplitter:
             self.loss_finite = self.loss_finite & finite
 
         if new_window:
+            # The main objective's buffer is allocated only now, after the extra backward: at that
+            # memory peak (the whole graph retained) it does not exist yet, as .grad does not in a plain
+            # step. The engine drops it when the window closes; .grad keeps it until zero_grad.
             for layout in self.layouts.values():
-                self._grad_buffers[layout.name].zero_()
+                buffer = torch.zeros(
+                    layout.numel, dtype=layout.params[0].dtype, device=layout.params[0].device
+                )
+                self._grad_buffers[layout.name] = buffer
+                layout.grads[1] = buffer
         for layout in self.layouts.values():
             buffer_views = layout.grads[1].split(layout.segments)
             for p, view in zip(layout.params, buffer_views, strict=True):
@@ -283,6 +290,7 @@ class GradientSplitter:
     def close_window(self) -> None:
         """Mark the end of an accumulation window: the next :meth:`backward` starts from zero."""
         self._window_open = False
+        self._grad_buffers.clear()
 
     # ------------------------------------------------------------------ internals
     def _validate_losses(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -328,7 +336,11 @@ class GradientSplitter:
                 layout.objectives = objectives
                 self._extra_buffer = None  # the layout changed: buffers are rebuilt
 
-    def _ensure_buffers(self, device: torch.device) -> None:
+    def _ensure_buffers(self) -> None:
+        """The persistent flat buffer of the extra objectives, and each layout's ``grads`` list."""
+        first = next(iter(self.layouts.values())).params[0]
+        if self._extra_buffer is not None and self._extra_buffer.device == first.device:
+            return
         for layout in self.layouts.values():
             dtypes = {p.dtype for p in layout.params}
             if len(dtypes) != 1:
@@ -336,15 +348,7 @@ class GradientSplitter:
                     f"Encoder {layout.name!r} mixes parameter dtypes {sorted(map(str, dtypes))}; the "
                     "flat gradient buffers need one dtype per encoder."
                 )
-            dtype, dev = layout.params[0].dtype, layout.params[0].device
-            buf = self._grad_buffers.get(layout.name)
-            if buf is None or buf.device != dev or buf.dtype != dtype:
-                self._grad_buffers[layout.name] = torch.zeros(layout.numel, dtype=dtype, device=dev)
-                self._extra_buffer = None
-        if self._extra_buffer is not None:
-            return
         sizes = [layout.numel * (len(layout.objectives) - 1) for layout in self.layouts.values()]
-        first = next(iter(self.layouts.values())).params[0]
         self._extra_buffer = torch.zeros(sum(sizes), dtype=first.dtype, device=first.device)
         offset = 0
         for layout in self.layouts.values():
@@ -352,7 +356,9 @@ class GradientSplitter:
             for _ in range(len(layout.objectives) - 1):  # every objective but the main one (index 1)
                 extras.append(self._extra_buffer[offset : offset + layout.numel])
                 offset += layout.numel
-            layout.grads = [extras[0], self._grad_buffers[layout.name], *extras[1:]]
+            # grads[1], the main objective's buffer, is allocated per window in backward().
+            main = self._grad_buffers.get(layout.name, extras[0])
+            layout.grads = [extras[0], main, *extras[1:]]
 
     def _extra_vjps(
         self,

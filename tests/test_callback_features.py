@@ -124,6 +124,26 @@ def test_metrics_reach_the_logger(tmp_path) -> None:
             if r.get(f"mmpareto/{enc}/conflicts_epoch")
         ]
         assert sum(epochs) == total
+        # Epoch means (folded from running sums into torchmetrics) equal the mean of the step values.
+        for epoch in ("0", "1"):
+            step_cos = [float(r[f"mmpareto/{enc}/cos_beta_step"]) for r in steps if r["epoch"] == epoch]
+            epoch_row = next(
+                r for r in rows if r.get(f"mmpareto/{enc}/cos_beta_epoch") and r["epoch"] == epoch
+            )
+            assert float(epoch_row[f"mmpareto/{enc}/cos_beta_epoch"]) == pytest.approx(
+                np.mean(step_cos), abs=1e-6
+            )
+    loss_steps = [
+        float(r["train/loss_audio_step"])
+        for r in rows
+        if r.get("train/loss_audio_step") and r["epoch"] == "0"
+    ]
+    loss_epoch = next(
+        float(r["train/loss_audio_epoch"])
+        for r in rows
+        if r.get("train/loss_audio_epoch") and r["epoch"] == "0"
+    )
+    assert loss_epoch == pytest.approx(np.mean(loss_steps), rel=1e-5)
     assert "train/loss_multimodal_step" in columns and "train/loss_audio_epoch" in columns
 
 
