@@ -14,6 +14,8 @@ from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torchmetrics import Metric
 
 from mmpareto_lightning.engine import MMParetoEngine
 from mmpareto_lightning.metrics import MMParetoMetrics
@@ -309,16 +311,16 @@ class MMParetoCallback(Callback):
             )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch_values: dict[str, Tensor] = {}
+        logged: dict[str, Metric] = {}
         if self.log_on_epoch and self._metrics is not None:
             for key, metric in self._metrics.epoch_metrics().items():
                 if metric.update_called:
                     pl_module.log(
                         key, metric, on_step=False, on_epoch=True, prog_bar=key == "train/loss_epoch"
                     )
-                    epoch_values[key] = metric.compute()
+                    logged[key] = metric
         _step_schedulers(
-            trainer, pl_module, "epoch", plateau=None, index=trainer.current_epoch + 1, extra=epoch_values
+            trainer, pl_module, "epoch", plateau=None, index=trainer.current_epoch + 1, extra=logged
         )
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -430,25 +432,36 @@ def _step_schedulers(
     interval: str,
     plateau: bool | None,
     index: int,
-    extra: Mapping[str, Tensor] | None = None,
+    extra: Mapping[str, Metric] | None = None,
 ) -> None:
     """Step LR schedulers as automatic optimization would (manual optimization does not)."""
+    recorded = getattr(pl_module, "_mmpareto_scheduler_keys", {})
     for config in trainer.lr_scheduler_configs:
-        if config.interval != interval or (plateau is not None and config.reduce_on_plateau != plateau):
+        keys = recorded.get(id(config.scheduler), {})
+        is_plateau = keys.get("reduce_on_plateau", isinstance(config.scheduler, ReduceLROnPlateau))
+        if config.interval != interval or (plateau is not None and is_plateau != plateau):
             continue
         if index % config.frequency:
             continue
         monitor_val = None
-        if config.reduce_on_plateau:
-            # The epoch values logged a moment ago reach callback_metrics only after this hook.
-            available = {**(extra or {}), **trainer.callback_metrics}
-            monitor_val = available.get(config.monitor) if config.monitor else None
+        if is_plateau:
+            monitor = keys.get("monitor")
+            if monitor is None:
+                raise MisconfigurationException(
+                    "`configure_optimizers` must include a monitor when a `ReduceLROnPlateau` scheduler is "
+                    'used, e.g. {"optimizer": opt, "lr_scheduler": {"scheduler": sched, '
+                    '"monitor": "val/loss"}}.'
+                )
+            monitor_val = trainer.callback_metrics.get(monitor)
+            if monitor_val is None and extra and monitor in extra:
+                # An epoch value logged a moment ago reaches callback_metrics only after this hook.
+                monitor_val = extra[monitor].compute()
             if monitor_val is None:
                 message = (
-                    f"ReduceLROnPlateau conditioned on metric {config.monitor!r}, which is not available. "
-                    f"Available metrics are: {sorted(available)}."
+                    f"ReduceLROnPlateau conditioned on metric {monitor!r}, which is not available. "
+                    f"Available metrics are: {sorted({*trainer.callback_metrics, *(extra or {})})}."
                 )
-                if config.strict:
+                if keys.get("strict", True):
                     raise MisconfigurationException(message)
                 warnings.warn(message + " Skipping the learning-rate update.", RuntimeWarning, stacklevel=2)
                 continue

@@ -41,9 +41,50 @@ def _wrap_training_step(step: Callable[..., Any]) -> Callable[..., Any]:
             return callback.optimize(self, losses)
         finally:
             self._mmpareto_in_step = False
+        # scheduler id -> its monitor / strict / reduce_on_plateau, which manual optimization drops.
+        self._mmpareto_scheduler_keys: dict[int, dict[str, Any]] = {}
 
     training_step._mmpareto_wrapped = True  # type: ignore[attr-defined]
     return training_step
+
+
+_PLATEAU_KEYS = ("monitor", "strict", "reduce_on_plateau")
+
+
+def _take_plateau_keys(conf: Any, found: dict[int, dict[str, Any]]) -> Any:
+    """Strip the ReduceLROnPlateau keys from an optimizer configuration, recording them per scheduler.
+
+    Lightning drops (with a warning) ``monitor``, ``strict`` and ``reduce_on_plateau`` in manual
+    optimization; MMPareto steps the schedulers itself and needs them.
+    """
+    if isinstance(conf, (list, tuple)):
+        return type(conf)(_take_plateau_keys(c, found) for c in conf)
+    if not isinstance(conf, dict):
+        return conf
+    conf = dict(conf)
+    if "scheduler" in conf:  # an lr_scheduler dict
+        keys = {k: conf.pop(k) for k in _PLATEAU_KEYS if k in conf}
+        found.setdefault(id(conf["scheduler"]), {}).update(keys)
+        return conf
+    if "lr_scheduler" in conf:  # an optimizer dict; its top-level "monitor" belongs to its scheduler
+        monitor = conf.pop("monitor", None)
+        scheduler = conf["lr_scheduler"]
+        if not isinstance(scheduler, dict):
+            scheduler = {"scheduler": scheduler}
+        if monitor is not None:
+            scheduler = {"monitor": monitor, **scheduler}
+        conf["lr_scheduler"] = _take_plateau_keys(scheduler, found)
+    return conf
+
+
+def _wrap_configure_optimizers(configure: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(configure)
+    def configure_optimizers(self: MMParetoModule, *args: Any, **kwargs: Any) -> Any:
+        self._mmpareto_scheduler_keys = {}
+        return _take_plateau_keys(configure(self, *args, **kwargs), self._mmpareto_scheduler_keys)
+
+    configure_optimizers._mmpareto_wrapped = True  # type: ignore[attr-defined]
+    return configure_optimizers
 
 
 class MMParetoModule(pl.LightningModule):
@@ -93,6 +134,9 @@ class MMParetoModule(pl.LightningModule):
         step = cls.__dict__.get("training_step")
         if step is not None and not getattr(step, "_mmpareto_wrapped", False):
             cls.training_step = _wrap_training_step(step)  # type: ignore[method-assign]
+        configure = cls.__dict__.get("configure_optimizers")
+        if configure is not None and not getattr(configure, "_mmpareto_wrapped", False):
+            cls.configure_optimizers = _wrap_configure_optimizers(configure)  # type: ignore[method-assign]
 
     def mmpareto_encoders(self) -> Mapping[str, nn.Module]:
         """Name -> encoder submodule that receives the MMPareto update.

@@ -50,7 +50,7 @@ class EncoderObjectives:
         objectives: names of the losses that reach the encoder; ``objectives[0]`` is the multimodal loss,
             ``objectives[1]`` the encoder's own loss, then the others in the order the losses were given.
         grads: one flat gradient per objective (views into the splitter's buffers), valid after
-            :meth:`GradientSplitter.backward`.
+            :meth:`GradientSplitter.backward` until :meth:`GradientSplitter.close_window`.
     """
 
     name: str
@@ -148,7 +148,7 @@ class GradientSplitter:
         self._handles = [
             module.register_forward_hook(self._make_capture_hook(name)) for name, module in encoders.items()
         ]
-        self._grad_buffers: dict[str, Tensor] = {}
+        self._extra_offsets: dict[str, int] = {}
         self._extra_buffer: Tensor | None = None
         self._checked_graph = False
         self._window_open = False
@@ -239,12 +239,18 @@ class GradientSplitter:
             else:
                 cot[n] = [None] * len(all_outputs)
 
-        self._assign_objectives(names, cot, owner)
+        changed = self._assign_objectives(names, cot, owner)
         if not self._checked_graph:
             self._check_graph(losses, all_outputs)
             self._checked_graph = True
 
         new_window = not (accumulate and self._window_open)
+        if changed and not new_window:
+            raise GradientSplittingError(
+                "The losses that reach the encoders changed within an accumulation window "
+                f"(now {[layout.objectives for layout in self.layouts.values()]}); every accumulated batch "
+                "must return the same named losses."
+            )
         self._ensure_buffers()
         if new_window and self._extra_buffer is not None:
             # One fill for all encoders; parameters an objective does not reach keep a zero gradient.
@@ -260,13 +266,11 @@ class GradientSplitter:
         if new_window:
             # The main objective's buffer is allocated only now, after the extra backward: at that
             # memory peak (the whole graph retained) it does not exist yet, as .grad does not in a plain
-            # step. The engine drops it when the window closes; .grad keeps it until zero_grad.
+            # step. The splitter lets go of it when the window closes; .grad keeps it until zero_grad.
             for layout in self.layouts.values():
-                buffer = torch.zeros(
-                    layout.numel, dtype=layout.params[0].dtype, device=layout.params[0].device
-                )
-                self._grad_buffers[layout.name] = buffer
-                layout.grads[1] = buffer
+                main = torch.zeros(layout.numel, dtype=layout.params[0].dtype, device=layout.params[0].device)
+                extras = self._extra_views(layout)
+                layout.grads = [extras[0], main, *extras[1:]]
         for layout in self.layouts.values():
             buffer_views = layout.grads[1].split(layout.segments)
             for p, view in zip(layout.params, buffer_views, strict=True):
@@ -290,7 +294,8 @@ class GradientSplitter:
     def close_window(self) -> None:
         """Mark the end of an accumulation window: the next :meth:`backward` starts from zero."""
         self._window_open = False
-        self._grad_buffers.clear()
+        for layout in self.layouts.values():
+            layout.grads = []
 
     # ------------------------------------------------------------------ internals
     def _validate_losses(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -319,7 +324,9 @@ class GradientSplitter:
 
     def _assign_objectives(
         self, names: Sequence[str], cot: Mapping[str, list[Tensor | None]], owner: list[str]
-    ) -> None:
+    ) -> bool:
+        """Objectives of every encoder from which losses reach it; returns whether any changed."""
+        changed = False
         for enc, layout in self.layouts.items():
             idx = [i for i, o in enumerate(owner) if o == enc]
             reaching = [n for n in names if any(cot[n][i] is not None for i in idx)]
@@ -335,9 +342,11 @@ class GradientSplitter:
             if objectives != layout.objectives:
                 layout.objectives = objectives
                 self._extra_buffer = None  # the layout changed: buffers are rebuilt
+                changed = True
+        return changed
 
     def _ensure_buffers(self) -> None:
-        """The persistent flat buffer of the extra objectives, and each layout's ``grads`` list."""
+        """Allocate the persistent flat buffer of the extra objectives (again if the layout changed)."""
         first = next(iter(self.layouts.values())).params[0]
         if self._extra_buffer is not None and self._extra_buffer.device == first.device:
             return
@@ -348,17 +357,21 @@ class GradientSplitter:
                     f"Encoder {layout.name!r} mixes parameter dtypes {sorted(map(str, dtypes))}; the "
                     "flat gradient buffers need one dtype per encoder."
                 )
-        sizes = [layout.numel * (len(layout.objectives) - 1) for layout in self.layouts.values()]
-        self._extra_buffer = torch.zeros(sum(sizes), dtype=first.dtype, device=first.device)
         offset = 0
         for layout in self.layouts.values():
-            extras = []
-            for _ in range(len(layout.objectives) - 1):  # every objective but the main one (index 1)
-                extras.append(self._extra_buffer[offset : offset + layout.numel])
-                offset += layout.numel
-            # grads[1], the main objective's buffer, is allocated per window in backward().
-            main = self._grad_buffers.get(layout.name, extras[0])
-            layout.grads = [extras[0], main, *extras[1:]]
+            self._extra_offsets[layout.name] = offset
+            offset += layout.numel * (len(layout.objectives) - 1)  # every objective but the main one
+        self._extra_buffer = torch.zeros(offset, dtype=first.dtype, device=first.device)
+
+    def _extra_views(self, layout: EncoderObjectives) -> list[Tensor]:
+        """Flat views of the extra buffer for ``layout``'s objectives 0, 2, 3, ... (not the main one)."""
+        assert self._extra_buffer is not None
+        start = self._extra_offsets[layout.name]
+        return list(
+            self._extra_buffer[start : start + layout.numel * (len(layout.objectives) - 1)].split(
+                layout.numel
+            )
+        )
 
     def _extra_vjps(
         self,
@@ -377,13 +390,14 @@ class GradientSplitter:
                     continue
                 k = extra_index[enc][r]
                 objective = layout.objectives[k]
+                target = self._extra_views(layout)[0 if k == 0 else k - 1]
                 for i, o in enumerate(owner):
                     c = cot[objective][i]
                     if o == enc and c is not None:
                         outs.append(outputs[i])
                         cots.append(c)
                 params.extend(layout.params)
-                targets.extend(layout.grads[k].split(layout.segments))
+                targets.extend(target.split(layout.segments))
             zero = torch.zeros((), dtype=params[0].dtype, device=params[0].device)
             # Each parameter's gradient is added into its flat view by a hook as soon as autograd has
             # it, and the hook hands autograd back an expanded zero: the results of autograd.grad hold

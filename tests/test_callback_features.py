@@ -13,6 +13,7 @@ from _models import MultiModalNet, make_loader, trainer_kwargs
 from _reference import reference_rule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from test_end_to_end import RecordingNet
 
 from mmpareto_lightning import MMParetoCallback
@@ -173,3 +174,52 @@ def test_resume_keeps_the_cumulative_counters(tmp_path) -> None:
     assert resumed.totals == straight.totals
     assert resumed.optimizer_steps == straight.optimizer_steps == 8
     assert sum(v["conflicts"] for v in straight.totals.values()) > 0
+
+
+class Plateau(MultiModalNet):
+    def __init__(self, monitor: str):
+        super().__init__(n=2, lr=0.05)
+        self.monitor = monitor
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=1.0)
+        # mode="max" on a decreasing loss: no improvement after the first epoch, so every epoch reduces.
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor}}
+
+
+def test_reduce_on_plateau_sees_the_callbacks_epoch_metrics() -> None:
+    torch.manual_seed(0)
+    model = Plateau("train/loss_epoch")
+    trainer = pl.Trainer(max_epochs=3, callbacks=[MMParetoCallback()], **trainer_kwargs())
+    trainer.fit(model, make_loader(2, size=32, batch_size=16))
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.25)
+
+
+def test_reduce_on_plateau_with_a_missing_monitor_is_refused() -> None:
+    trainer = pl.Trainer(max_epochs=1, callbacks=[MMParetoCallback()], **trainer_kwargs())
+    with pytest.raises(MisconfigurationException, match="'val/nothing', which is not available"):
+        trainer.fit(Plateau("val/nothing"), make_loader(2, size=32, batch_size=16))
+
+
+class PlateauTopLevelMonitor(MultiModalNet):
+    def __init__(self, monitor: str | None):
+        super().__init__(n=2)
+        self.monitor = monitor
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=1.0)
+        conf = {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5)}
+        return {**conf, "monitor": self.monitor} if self.monitor else conf
+
+
+def test_reduce_on_plateau_monitor_at_the_top_level_and_missing() -> None:
+    trainer = pl.Trainer(max_epochs=2, callbacks=[MMParetoCallback()], **trainer_kwargs())
+    trainer.fit(PlateauTopLevelMonitor("train/loss_epoch"), make_loader(2, size=32, batch_size=16))
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    # Stepped once per epoch with the monitored value (best starts at +inf in mode "min").
+    assert scheduler.last_epoch == 2 and scheduler.best < float("inf")
+    assert scheduler.best == pytest.approx(float(trainer.callback_metrics["train/loss_epoch"]), rel=0.5)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[MMParetoCallback()], **trainer_kwargs())
+    with pytest.raises(MisconfigurationException, match="must include a monitor"):
+        trainer.fit(PlateauTopLevelMonitor(None), make_loader(2, size=32, batch_size=16))

@@ -193,3 +193,17 @@ def test_tuple_outputs_and_repeated_encoder_calls_split_exactly() -> None:
                 ]
             )
             torch.testing.assert_close(flat, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_changing_losses_within_an_accumulation_window_is_refused() -> None:
+    model = MultiModalNet(n=2)
+    engine = MMParetoEngine(model.mmpareto_encoders())
+    batches = iter(make_loader(2))
+    with engine.capture():
+        losses = model.losses(next(batches))
+    engine.backward(losses)
+    model.extra_loss = True  # the next batch adds an "align" loss reaching both encoders
+    with engine.capture():
+        losses = model.losses(next(batches))
+    with pytest.raises(GradientSplittingError, match="changed within an accumulation window"):
+        engine.backward(losses, accumulate=True)
