@@ -234,14 +234,15 @@ class MMParetoCallback(Callback):
 
         detached = {k: v.detach() for k, v in losses.items()}
         assert self._metrics is not None
-        if self._metrics.update_losses(detached) and hasattr(pl_module, "_metric_attributes"):
+        loss_values = self._metrics.loss_values(detached)
+        if self._metrics.update_losses(loss_values) and hasattr(pl_module, "_metric_attributes"):
             # New metric objects: Lightning caches where the module's metrics live on the first
             # `self.log(<Metric>)` (e.g. in validation), so the cache is dropped to find them too.
             pl_module._metric_attributes = None
         log_step = self.log_on_step and _is_logging_step(trainer)
         if log_step:
-            pl_module.log_dict(self._metrics.loss_step_values(detached), on_step=True, on_epoch=False)
-        total = torch.stack(list(detached.values())).sum()
+            pl_module.log_dict(self._metrics.loss_step_values(loss_values), on_step=True, on_epoch=False)
+        total = loss_values["loss"]
         if not last:
             return {"loss": total, **detached}
 

@@ -92,14 +92,14 @@ class MMParetoMetrics(nn.Module):
         self._loss_running: Tensor | None = None  # (2, L): sum of finite losses, count of finite ones
 
     @staticmethod
-    def _with_total(losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def loss_values(losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``"loss_<name>"`` -> detached scalar loss, plus ``"loss"``: their sum."""
         values = {f"loss_{k}": v.detach().reshape(()) for k, v in losses.items()}
         values["loss"] = torch.stack(list(values.values())).sum()
         return values
 
-    def update_losses(self, losses: Mapping[str, Tensor]) -> bool:
-        """Add one step's losses and their sum. Returns whether new loss metrics were created."""
-        values = self._with_total(losses)
+    def update_losses(self, values: Mapping[str, Tensor]) -> bool:
+        """Add one step's :meth:`loss_values`. Returns whether new loss metrics were created."""
         names = list(values)
         created = False
         if names != self._loss_names:
@@ -116,9 +116,9 @@ class MMParetoMetrics(nn.Module):
         self._loss_running = step if self._loss_running is None else self._loss_running + step
         return created
 
-    def loss_step_values(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``f"{loss_prefix}/loss_<name>_step"`` -> this step's (rank-local) loss."""
-        return {f"{self.loss_prefix}/{k}_step": v for k, v in self._with_total(losses).items()}
+    def loss_step_values(self, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``f"{loss_prefix}/loss_<name>_step"`` -> the step's rank-local loss (from :meth:`loss_values`)."""
+        return {f"{self.loss_prefix}/{k}_step": v for k, v in values.items()}
 
     def update(self, stats: Mapping[str, RuleStats], valid: Tensor | None = None) -> None:
         """Add one step's statistics.

@@ -252,7 +252,8 @@ class GradientSplitter:
                 "must return the same named losses."
             )
         self._ensure_buffers()
-        if new_window and self._extra_buffer is not None:
+        if new_window:
+            assert self._extra_buffer is not None
             # One fill for all encoders; parameters an objective does not reach keep a zero gradient.
             self._extra_buffer.zero_()
         self._extra_vjps(cot, owner, all_outputs)
@@ -271,11 +272,8 @@ class GradientSplitter:
                 main = torch.zeros(layout.numel, dtype=layout.params[0].dtype, device=layout.params[0].device)
                 extras = self._extra_views(layout)
                 layout.grads = [extras[0], main, *extras[1:]]
-        for layout in self.layouts.values():
-            buffer_views = layout.grads[1].split(layout.segments)
-            for p, view in zip(layout.params, buffer_views, strict=True):
-                if p.grad is None or p.grad.data_ptr() != view.data_ptr():
-                    p.grad = view.view_as(p)
+        # A stale .grad from before the window is replaced, not kept: the buffer starts at zero.
+        self._bind_grads(keep_values=False)
 
         handles: list[RemovableHandle] = []
         for i, (out, enc) in enumerate(zip(all_outputs, owner, strict=True)):
@@ -287,7 +285,8 @@ class GradientSplitter:
         finally:
             for h in handles:
                 h.remove()
-        self._restore_grad_views()
+        # Something may have replaced a .grad (DDP with gradient_as_bucket_view=True): copy it back in.
+        self._bind_grads(keep_values=True)
         self._window_open = True
         return self.layouts
 
@@ -411,13 +410,14 @@ class GradientSplitter:
                 for handle in handles:
                     handle.remove()
 
-    def _restore_grad_views(self) -> None:
-        # Something may have replaced a .grad (DDP with gradient_as_bucket_view=True): copy it back in.
+    def _bind_grads(self, keep_values: bool) -> None:
+        """Point each encoder parameter's ``.grad`` at its view of the main objective's flat buffer."""
         for layout in self.layouts.values():
             views = layout.grads[1].split(layout.segments)
             for p, view in zip(layout.params, views, strict=True):
-                if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
-                    view.copy_(p.grad.reshape(-1))
+                if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                    if keep_values and p.grad is not None:
+                        view.copy_(p.grad.reshape(-1))
                     p.grad = view.view_as(p)
 
     def _check_graph(self, losses: Mapping[str, Tensor], outputs: list[Tensor]) -> None:
