@@ -20,7 +20,9 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["build_cli", "main"]
+from lightning.pytorch.cli import LightningCLI
+
+__all__ = ["MMParetoCLI", "build_cli", "main"]
 
 _INSTALL_HINT = 'pip install "mmpareto-lightning[examples]"'
 
@@ -38,17 +40,15 @@ def _require_jsonargparse() -> None:
         raise ImportError(f"the mmpareto-lightning command needs jsonargparse: {_INSTALL_HINT}") from err
 
 
-def _cli_class() -> type:
-    from lightning.pytorch.cli import LightningCLI
+class MMParetoCLI(LightningCLI):
+    """LightningCLI whose help names the ``compare`` sub-command and the MMPareto callback.
 
-    class MMParetoCLI(LightningCLI):
-        """LightningCLI whose help names the ``compare`` sub-command and the MMPareto callback."""
+    Defined at module level so that ``ddp_spawn`` can pickle the Trainer that refers to it.
+    """
 
-        def init_parser(self, **kwargs: Any):
-            kwargs.setdefault("description", _DESCRIPTION)
-            return super().init_parser(**kwargs)
-
-    return MMParetoCLI
+    def init_parser(self, **kwargs: Any):
+        kwargs.setdefault("description", _DESCRIPTION)
+        return super().init_parser(**kwargs)
 
 
 def build_cli(args: Sequence[str] | dict[str, Any] | None = None, run: bool = True, **kwargs: Any) -> Any:
@@ -80,7 +80,7 @@ def build_cli(args: Sequence[str] | dict[str, Any] | None = None, run: bool = Tr
         )
         # Explicit `args` (compare, tests, notebooks) are deliberate, whatever sys.argv holds.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        return _cli_class()(None, None, args=args, run=run, **options)
+        return MMParetoCLI(None, None, args=args, run=run, **options)
 
 
 def main(args: Sequence[str] | None = None) -> None:

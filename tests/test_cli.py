@@ -221,3 +221,70 @@ def test_training_script_runs_directly(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "test/acc=" in out.stdout and "test/acc_color=" in out.stdout
+
+
+def test_precision_and_resume_from_the_command_line(tmp_path):
+    common = [
+        "fit",
+        "--config",
+        str(CONFIG_DIR / "cg_digits.yaml"),
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.precision=bf16-mixed",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.logger=false",
+        *QUIET,
+    ]
+    first = build_cli([*common, "--trainer.max_epochs=1"])
+    assert first.trainer.precision == "bf16-mixed"
+    assert _mmpareto_callback(first.trainer).optimizer_steps == 3
+    ckpt = (
+        first.trainer.checkpoint_callback.last_model_path or first.trainer.checkpoint_callback.best_model_path
+    )
+    assert ckpt and Path(ckpt).is_file()
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    saved = next(v for k, v in state["callbacks"].items() if k.startswith("MMParetoCallback"))
+    assert saved["optimizer_steps"] == 3
+
+    resumed = build_cli([*common, "--trainer.max_epochs=2", f"--ckpt_path={ckpt}"])
+    assert resumed.trainer.global_step == 6
+    cb = _mmpareto_callback(resumed.trainer)
+    assert cb.optimizer_steps == 6  # counters continue from the checkpoint, not from zero
+    totals = cb.totals
+    assert set(totals) == set(resumed.model.modalities)
+    for counts in totals.values():
+        assert 0 <= counts["conflicts"] <= 6 and 0 <= counts["stationary"] <= counts["conflicts"]
+
+
+@pytest.mark.slow
+def test_ddp_from_the_command_line(tmp_path):
+    # ddp_spawn: the plain `ddp` launcher re-runs the command line, which a test process cannot do.
+    # Spawned ranks train; the main process gets rank 0's weights and metrics back (Lightning's design).
+    cli = build_cli(
+        [
+            "--config",
+            str(CONFIG_DIR / "cg_digits.yaml"),
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.strategy=ddp_spawn",
+            "--trainer.devices=2",
+            "--trainer.max_steps=3",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+            *QUIET,
+        ],
+        run=False,
+    )
+    before = {k: v.detach().clone() for k, v in cli.model.named_parameters()}
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.world_size == 2
+    after = dict(cli.model.named_parameters())
+    assert all(not torch.equal(before[k], after[k]) for k in before)  # every parameter was trained
+    metrics = cli.trainer.callback_metrics
+    for m in cli.model.modalities:
+        conflicts = float(metrics[f"mmpareto/{m}/conflicts_total"])
+        assert (
+            conflicts == int(conflicts) and 0 <= conflicts <= 3
+        )  # global counts: one per step, not per rank
+        assert -1.0 <= float(metrics[f"mmpareto/{m}/cos_beta_step"]) <= 1.0
