@@ -432,6 +432,20 @@ class Timing:
         return q3 - q1
 
 
+def paired_ratios(timing: Timing, base: Timing) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratios ``timing / base``.
+
+    ``time_interleaved`` runs one step of every method per round, so the i-th times of two methods were
+    taken within milliseconds of each other: their ratio cancels the machine's slow drifts (other jobs on
+    shared cores), which the ratio of the two medians does not.
+    """
+    ratios = [t / b for t, b in zip(timing.times_ms, base.times_ms, strict=True)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return median, q1, q3
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -458,6 +472,92 @@ def time_interleaved(
             if r >= warmup:
                 times[name].append((time.perf_counter() - start) * 1e3)
     return {n: Timing(n, t) for n, t in times.items()}
+
+
+PHASES = (
+    "forward",
+    "head cotangents + extra encoder backward",
+    "ordinary backward",
+    "rule (+ gradient bookkeeping)",
+    "optimizer step",
+)
+
+
+def time_phases(
+    base: MultiEncoderNet, batch: Mapping[str, Tensor], iters: int, warmup: int, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """Median time of each phase of the uniform and the MMPareto step (interleaved, one of each per round).
+
+    The device is synchronised at every phase boundary, so on CUDA the phases add up to a little more
+    than the step time of the main table.
+    """
+    uniform, ours = UniformStep(copy.deepcopy(base), batch), EngineStep(copy.deepcopy(base), batch)
+    times: dict[str, dict[str, list[float]]] = {"uniform": {}, "mmpareto": {}}
+
+    def stamp() -> float:
+        _sync(device)
+        return time.perf_counter()
+
+    def run_uniform() -> dict[str, float]:
+        uniform.optimizer.zero_grad(set_to_none=True)
+        t0 = stamp()
+        losses = uniform.net.losses(batch)
+        t1 = stamp()
+        sum(losses.values()).backward()  # type: ignore[union-attr]
+        t2 = stamp()
+        uniform.optimizer.step()
+        t3 = stamp()
+        return {PHASES[0]: t1 - t0, PHASES[2]: t2 - t1, PHASES[4]: t3 - t2}
+
+    def run_ours() -> dict[str, float]:
+        marks: dict[str, float] = {}
+
+        def backward(loss: Tensor) -> None:
+            marks["start"] = stamp()
+            loss.backward()
+            marks["end"] = stamp()
+
+        ours.optimizer.zero_grad(set_to_none=True)
+        t0 = stamp()
+        with ours.engine.capture():
+            losses = ours.net.losses(batch)
+        t1 = stamp()
+        ours.engine.backward(losses, backward_fn=backward)
+        ours.engine.integrate()
+        t2 = stamp()
+        ours.optimizer.step()
+        t3 = stamp()
+        return {
+            PHASES[0]: t1 - t0,
+            PHASES[1]: marks["start"] - t1,
+            PHASES[2]: marks["end"] - marks["start"],
+            PHASES[3]: t2 - marks["end"],
+            PHASES[4]: t3 - t2,
+        }
+
+    gc.collect()
+    for r in range(warmup + iters):
+        runs = (("uniform", run_uniform), ("mmpareto", run_ours))
+        for name, run in runs if r % 2 == 0 else runs[::-1]:
+            phases = run()
+            if r >= warmup:
+                for phase, seconds in phases.items():
+                    times[name].setdefault(phase, []).append(seconds * 1e3)
+    ours.close()
+    return {
+        name: {ph: statistics.median(v) for ph, v in by_phase.items()} for name, by_phase in times.items()
+    }
+
+
+def format_phase_table(phases: Mapping[str, Mapping[str, float]]) -> str:
+    """Markdown table: phase | uniform ms | mmpareto ms, and the sums."""
+    lines = ["| phase | uniform ms | mmpareto ms |", "|---|---:|---:|"]
+    for phase in PHASES:
+        cells = [f"{phases[m][phase]:.2f}" if phase in phases[m] else "-" for m in ("uniform", "mmpareto")]
+        lines.append(f"| {phase} | {cells[0]} | {cells[1]} |")
+    sums = [sum(phases[m].values()) for m in ("uniform", "mmpareto")]
+    lines.append(f"| sum of the medians | {sums[0]:.2f} | {sums[1]:.2f} ({sums[1] / sums[0]:.2f}x) |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------- memory
@@ -720,6 +820,36 @@ def run_scaling(
     return out
 
 
+@dataclass
+class MemoryPoint:
+    """Peak memory of every method at one batch size."""
+
+    batch_size: int
+    peaks: dict[str, int | None]
+    encoder_grad_bytes: int
+
+
+def run_memory_sweep(
+    spec: ModelSpec, n_encoders: int, batch_sizes: Sequence[int], device: torch.device, seed: int
+) -> tuple[list[MemoryPoint], str]:
+    """Peak memory of every method at each batch size (the same network, freshly built per method)."""
+    points: list[MemoryPoint] = []
+    memory_method = "not measured"
+    for size in batch_sizes:
+        torch.manual_seed(seed)
+        base = spec.build(n_encoders).to(device)
+        batch = make_batch(spec, list(base.encoders), size, device, seed)
+        peaks: dict[str, int | None] = {}
+        for name in METHODS:
+            peaks[name], memory_method = peak_memory_bytes(
+                lambda name=name, base=base, batch=batch: METHOD_CLASSES[name](copy.deepcopy(base), batch),
+                device,
+            )
+        points.append(MemoryPoint(size, peaks, grad_bytes(base)))
+        gc.collect()
+    return points, memory_method
+
+
 # --------------------------------------------------------------------------------------------- report
 def machine_description(device: torch.device) -> dict[str, str]:
     """Versions, device and thread count for the report."""
@@ -772,14 +902,38 @@ def _mib(b: int | None) -> str:
 
 
 def format_main_table(result: MainResult) -> str:
-    """Markdown table: method | median ms | IQR ms | ratio to uniform | peak MiB."""
-    uniform = result.timings["uniform"].median
-    lines = ["| method | median ms | IQR ms | ratio to uniform | peak MiB |", "|---|---:|---:|---:|---:|"]
+    """Markdown table: method | median ms | IQR ms | ratio of medians | per-round ratio | peak MiB."""
+    uniform = result.timings["uniform"]
+    lines = [
+        "| method | median ms | IQR ms | ratio to uniform (medians) | per-round ratio, median [IQR] "
+        "| peak MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name in METHODS:
         t = result.timings[name]
         peak = result.peaks.get(name)
-        lines.append(f"| {name} | {t.median:.2f} | {t.iqr:.2f} | {t.median / uniform:.2f}x | {_mib(peak)} |")
+        paired, q1, q3 = paired_ratios(t, uniform)
+        lines.append(
+            f"| {name} | {t.median:.2f} | {t.iqr:.2f} | {t.median / uniform.median:.2f}x "
+            f"| {paired:.2f}x [{q1:.2f}-{q3:.2f}] | {_mib(peak)} |"
+        )
     return "\n".join(lines)
+
+
+def format_target(result: MainResult, target: float) -> str:
+    """The step-time target next to both ratio estimates, and how often the authors' rule saw a conflict."""
+    uniform, ours = result.timings["uniform"], result.timings["mmpareto"]
+    of_medians = ours.median / uniform.median
+    per_round = paired_ratios(ours, uniform)[0]
+
+    def verdict(ratio: float) -> str:
+        return "met" if ratio <= target else "NOT met"
+
+    return (
+        f"target: mmpareto <= {target}x uniform: ratio of medians {of_medians:.2f}x ({verdict(of_medians)}), "
+        f"median per-round ratio {per_round:.2f}x ({verdict(per_round)}); authors' decisions with "
+        f"cos <= 0 during timing: {result.authors_conflict_rate:.0%}"
+    )
 
 
 def format_memory_table(result: MainResult) -> str:
@@ -822,6 +976,37 @@ def format_memory_note(result: MainResult) -> str:
     return "\n".join(lines)
 
 
+def format_memory_sweep(points: Sequence[MemoryPoint], memory_method: str) -> str:
+    """Markdown table: per batch size, each method's peak over uniform in encoder-gradient copies.
+
+    The bound ``uniform + 2 copies`` is checked for ``mmpareto``; the last column is what the extra
+    backward's activation gradients would add per sample if the excess beyond two copies grew linearly.
+    """
+    lines = [
+        "| batch | uniform peak MiB | mmpareto over uniform, copies | authors over uniform, copies "
+        "| mmpareto within uniform + 2 copies | mmpareto excess beyond 2 copies, MiB per sample |",
+        "|---:|---:|---:|---:|---|---:|",
+    ]
+    for point in points:
+        g, uniform = point.encoder_grad_bytes, point.peaks.get("uniform")
+        ours, authors = point.peaks.get("mmpareto"), point.peaks.get("authors")
+        if uniform is None or ours is None or authors is None or not g:
+            lines.append(f"| {point.batch_size} | {_mib(uniform)} | n/a | n/a | n/a | n/a |")
+            continue
+        beyond = max(0, ours - uniform - 2 * g) / MiB / point.batch_size
+        within = "yes" if ours <= uniform + 2 * g else "no"
+        lines.append(
+            f"| {point.batch_size} | {_mib(uniform)} | {(ours - uniform) / g:.2f} "
+            f"| {(authors - uniform) / g:.2f} | {within} | {beyond:.2f} |"
+        )
+    first = points[0].encoder_grad_bytes if points else 0
+    lines += [
+        "",
+        f"encoder gradient bytes (one copy, all encoders): {first / MiB:.1f} MiB; peaks by {memory_method}",
+    ]
+    return "\n".join(lines)
+
+
 def format_lightning_table(timings: Mapping[str, Timing], plain: Mapping[str, Timing]) -> str:
     """Markdown table of the Trainer-driven steps, relative to the Lightning uniform step."""
     base = timings["lightning uniform"].median
@@ -840,12 +1025,14 @@ def format_lightning_table(timings: Mapping[str, Timing], plain: Mapping[str, Ti
 def format_scaling_table(scaling: Mapping[int, Mapping[str, Timing]]) -> str:
     """Markdown table: per encoder count, the medians and both ratios to uniform."""
     lines = [
-        "| encoders | uniform ms | mmpareto ms | authors ms | mmpareto / uniform | authors / uniform |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| encoders | uniform ms | mmpareto ms | authors ms | mmpareto / uniform | authors / uniform "
+        "| mmpareto / uniform, per round |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k, t in scaling.items():
         u, m, a = t["uniform"].median, t["mmpareto"].median, t["authors"].median
-        lines.append(f"| {k} | {u:.2f} | {m:.2f} | {a:.2f} | {m / u:.2f}x | {a / u:.2f}x |")
+        paired = paired_ratios(t["mmpareto"], t["uniform"])[0]
+        lines.append(f"| {k} | {u:.2f} | {m:.2f} | {a:.2f} | {m / u:.2f}x | {a / u:.2f}x | {paired:.2f}x |")
     return "\n".join(lines)
 
 
@@ -898,8 +1085,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--memory-only", action="store_true", help="only the pre-check and the peak-memory pass (no timing)"
     )
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time each phase of the uniform and the MMPareto step (forward, backwards, rule, step)",
+    )
+    p.add_argument(
+        "--memory-batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="also measure the peak memory of every method at each of these batch sizes",
+    )
     p.add_argument("--markdown", type=str, default=None, help="also write the tables to this file")
     return p.parse_args(argv)
+
+
+def _memory_sweep_section(spec: ModelSpec, args: argparse.Namespace, device: torch.device) -> list[str]:
+    """The ``--memory-batch-sizes`` table (printed as soon as it is measured), or nothing."""
+    if not args.memory_batch_sizes:
+        return []
+    points, memory_method = run_memory_sweep(
+        spec, args.main_encoders, args.memory_batch_sizes, device, args.seed
+    )
+    section = [
+        "",
+        f"## Peak memory by batch size ({spec.kind})",
+        "",
+        format_memory_sweep(points, memory_method),
+    ]
+    print("\n".join(section), flush=True)
+    return section
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -936,6 +1152,11 @@ def main(argv: Sequence[str] | None = None) -> str:
             "memory only: peak of a training step per method, after warm-up"
             if args.memory_only
             else f"{warmup} warm-up + {iters} timed steps per method, interleaved"
+        )
+        + (
+            f"; the memory sweep uses batch sizes {' '.join(map(str, args.memory_batch_sizes))}"
+            if args.memory_batch_sizes
+            else ""
         ),
     ]
     print("\n".join(header), flush=True)
@@ -949,15 +1170,18 @@ def main(argv: Sequence[str] | None = None) -> str:
         warmup,
         args.seed,
         lightning=not args.no_lightning,
-        memory=not args.no_memory,
+        # A batch-size sweep measures the memory itself; the main pass would repeat one of its points.
+        memory=not args.no_memory and not args.memory_batch_sizes,
         lightning_rounds=args.lightning_rounds,
         timing=not args.memory_only,
     )
     target = 1.75 if on_gpu else 1.7
     if args.memory_only:
-        body = ["", format_check(result.check), "", "## Peak memory", "", format_memory_table(result), ""]
-        body.append(format_memory_note(result))
+        body = ["", format_check(result.check)]
+        if result.peaks:
+            body += ["", "## Peak memory", "", format_memory_table(result), "", format_memory_note(result)]
         print("\n".join(body), flush=True)
+        body += _memory_sweep_section(spec, args, device)
         report = "\n".join(header + body) + "\n"
         if args.markdown:
             with open(args.markdown, "w", encoding="utf-8") as f:
@@ -971,14 +1195,27 @@ def main(argv: Sequence[str] | None = None) -> str:
         "",
         format_main_table(result),
         "",
-        f"target: mmpareto <= {target}x uniform; authors' decisions with cos <= 0 during timing: "
-        f"{result.authors_conflict_rate:.0%}",
+        format_target(result, target),
         format_memory_note(result),
     ]
     if result.lightning is not None:
         body += ["", "## Through Lightning", "", format_lightning_table(result.lightning, result.timings)]
     print("\n".join(body), flush=True)
 
+    if args.breakdown:
+        torch.manual_seed(args.seed)
+        base = spec.build(args.main_encoders).to(device)
+        batch = make_batch(spec, list(base.encoders), args.batch_size, device, args.seed)
+        phases = time_phases(base, batch, iters, warmup, device)
+        extra = [
+            "",
+            f"## Where the time goes (medians of {iters} steps per method)",
+            "",
+            format_phase_table(phases),
+        ]
+        print("\n".join(extra), flush=True)
+        body += extra
+        del base, batch
     if args.encoders:
         scaling = run_scaling(
             spec, args.encoders, args.batch_size, device, scaling_iters, max(2, warmup // 2), args.seed
@@ -991,6 +1228,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         ]
         print("\n".join(extra), flush=True)
         body += extra
+    body += _memory_sweep_section(spec, args, device)
     tail = f"\nload average at the end: {load_average()} (load above the thread count means shared cores)"
     print(tail, flush=True)
     body.append(tail)
