@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import lightning.pytorch as pl
 import pytest
@@ -298,3 +300,21 @@ def test_non_finite_step_is_skipped_and_counted(value, where) -> None:
         assert torch.isfinite(tensor.float()).all()
     momentum = trainer.optimizers[0].state[next(model.parameters())]["momentum_buffer"]
     assert torch.isfinite(momentum).all()
+
+
+def test_command_without_jsonargparse_names_the_extra_to_install() -> None:
+    # A fresh interpreter in which jsonargparse is missing, as after a plain `pip install .`.
+    script = """
+import sys
+import lightning_utilities.core.imports as imports
+is_available = imports.RequirementCache.__bool__
+imports.RequirementCache.__bool__ = lambda self: (
+    False if "jsonargparse" in str(self.requirement) else is_available(self)
+)
+sys.modules["jsonargparse"] = None
+from mmpareto_lightning.cli import main
+main(["fit", "--help"])
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert 'needs jsonargparse: pip install "mmpareto-lightning[examples]"' in out.stderr
