@@ -172,6 +172,15 @@ def make_batch(
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def build_network_and_batch(
+    spec: ModelSpec, n_encoders: int, batch_size: int, device: torch.device, seed: int
+) -> tuple[MultiEncoderNet, dict[str, Tensor]]:
+    """The seeded initial network (every method copies it) and the fixed batch of one measurement."""
+    torch.manual_seed(seed)
+    base = spec.build(n_encoders).to(device)
+    return base, make_batch(spec, list(base.encoders), batch_size, device, seed)
+
+
 def make_optimizer(net: nn.Module) -> torch.optim.Optimizer:
     # The paper's CREMA-D optimizer.
     return torch.optim.SGD(net.parameters(), lr=2e-3, momentum=0.9, weight_decay=1e-4)
@@ -758,9 +767,7 @@ def run_main(
 
     With ``timing=False`` only the pre-check and the memory pass run (e.g. ResNet-18 shapes on a CPU).
     """
-    torch.manual_seed(seed)
-    base = spec.build(n_encoders).to(device)
-    batch = make_batch(spec, list(base.encoders), batch_size, device, seed)
+    base, batch = build_network_and_batch(spec, n_encoders, batch_size, device, seed)
     check = check_correctness(base, batch)
     if not check.passed:
         raise AssertionError(
@@ -808,9 +815,7 @@ def run_scaling(
     """Interleaved timing of the three methods for each encoder count."""
     out: dict[int, dict[str, Timing]] = {}
     for k in counts:
-        torch.manual_seed(seed)
-        base = spec.build(k).to(device)
-        batch = make_batch(spec, list(base.encoders), batch_size, device, seed)
+        base, batch = build_network_and_batch(spec, k, batch_size, device, seed)
         methods = build_methods(base, batch)
         out[k] = time_interleaved({n: m.step for n, m in methods.items()}, iters, warmup, device)
         for m in methods.values():
@@ -836,9 +841,7 @@ def run_memory_sweep(
     points: list[MemoryPoint] = []
     memory_method = "not measured"
     for size in batch_sizes:
-        torch.manual_seed(seed)
-        base = spec.build(n_encoders).to(device)
-        batch = make_batch(spec, list(base.encoders), size, device, seed)
+        base, batch = build_network_and_batch(spec, n_encoders, size, device, seed)
         peaks: dict[str, int | None] = {}
         for name in METHODS:
             peaks[name], memory_method = peak_memory_bytes(
@@ -1101,21 +1104,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _memory_sweep_section(spec: ModelSpec, args: argparse.Namespace, device: torch.device) -> list[str]:
-    """The ``--memory-batch-sizes`` table (printed as soon as it is measured), or nothing."""
-    if not args.memory_batch_sizes:
-        return []
-    points, memory_method = run_memory_sweep(
-        spec, args.main_encoders, args.memory_batch_sizes, device, args.seed
-    )
-    section = [
-        "",
-        f"## Peak memory by batch size ({spec.kind})",
-        "",
-        format_memory_sweep(points, memory_method),
-    ]
-    print("\n".join(section), flush=True)
-    return section
+def _emit(body: list[str], *lines: str) -> None:
+    """Print report lines as soon as they are measured, and keep them for the Markdown file."""
+    print("\n".join(lines), flush=True)
+    body.extend(lines)
+
+
+def _emit_section(body: list[str], title: str, table: str) -> None:
+    _emit(body, "", f"## {title}", "", table)
+
+
+def _emit_memory_sweep(
+    body: list[str], spec: ModelSpec, args: argparse.Namespace, device: torch.device
+) -> None:
+    """The ``--memory-batch-sizes`` table, if asked for."""
+    if args.memory_batch_sizes:
+        points, memory_method = run_memory_sweep(
+            spec, args.main_encoders, args.memory_batch_sizes, device, args.seed
+        )
+        _emit_section(
+            body, f"Peak memory by batch size ({spec.kind})", format_memory_sweep(points, memory_method)
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -1175,63 +1184,45 @@ def main(argv: Sequence[str] | None = None) -> str:
         lightning_rounds=args.lightning_rounds,
         timing=not args.memory_only,
     )
-    target = 1.75 if on_gpu else 1.7
+    body: list[str] = []
+    _emit(body, "", format_check(result.check))
     if args.memory_only:
-        body = ["", format_check(result.check)]
         if result.peaks:
-            body += ["", "## Peak memory", "", format_memory_table(result), "", format_memory_note(result)]
-        print("\n".join(body), flush=True)
-        body += _memory_sweep_section(spec, args, device)
-        report = "\n".join(header + body) + "\n"
-        if args.markdown:
-            with open(args.markdown, "w", encoding="utf-8") as f:
-                f.write(report)
-        return report
-    body = [
-        "",
-        format_check(result.check),
-        "",
-        "## Step time (plain PyTorch)",
-        "",
-        format_main_table(result),
-        "",
-        format_target(result, target),
-        format_memory_note(result),
-    ]
-    if result.lightning is not None:
-        body += ["", "## Through Lightning", "", format_lightning_table(result.lightning, result.timings)]
-    print("\n".join(body), flush=True)
-
-    if args.breakdown:
-        torch.manual_seed(args.seed)
-        base = spec.build(args.main_encoders).to(device)
-        batch = make_batch(spec, list(base.encoders), args.batch_size, device, args.seed)
-        phases = time_phases(base, batch, iters, warmup, device)
-        extra = [
-            "",
-            f"## Where the time goes (medians of {iters} steps per method)",
-            "",
-            format_phase_table(phases),
-        ]
-        print("\n".join(extra), flush=True)
-        body += extra
-        del base, batch
-    if args.encoders:
-        scaling = run_scaling(
-            spec, args.encoders, args.batch_size, device, scaling_iters, max(2, warmup // 2), args.seed
+            _emit_section(
+                body, "Peak memory", format_memory_table(result) + "\n\n" + format_memory_note(result)
+            )
+    else:
+        target = 1.75 if on_gpu else 1.7
+        table = "\n".join(
+            [format_main_table(result), "", format_target(result, target), format_memory_note(result)]
         )
-        extra = [
-            "",
-            f"## Scaling with the number of encoders ({kind}, {scaling_iters} timed steps per method)",
-            "",
-            format_scaling_table(scaling),
-        ]
-        print("\n".join(extra), flush=True)
-        body += extra
-    body += _memory_sweep_section(spec, args, device)
-    tail = f"\nload average at the end: {load_average()} (load above the thread count means shared cores)"
-    print(tail, flush=True)
-    body.append(tail)
+        _emit_section(body, "Step time (plain PyTorch)", table)
+        if result.lightning is not None:
+            _emit_section(body, "Through Lightning", format_lightning_table(result.lightning, result.timings))
+        if args.breakdown:
+            base, batch = build_network_and_batch(
+                spec, args.main_encoders, args.batch_size, device, args.seed
+            )
+            phases = time_phases(base, batch, iters, warmup, device)
+            del base, batch
+            _emit_section(
+                body, f"Where the time goes (medians of {iters} steps per method)", format_phase_table(phases)
+            )
+        if args.encoders:
+            scaling = run_scaling(
+                spec, args.encoders, args.batch_size, device, scaling_iters, max(2, warmup // 2), args.seed
+            )
+            _emit_section(
+                body,
+                f"Scaling with the number of encoders ({kind}, {scaling_iters} timed steps per method)",
+                format_scaling_table(scaling),
+            )
+    _emit_memory_sweep(body, spec, args, device)
+    if not args.memory_only:
+        _emit(
+            body,
+            f"\nload average at the end: {load_average()} (load above the thread count means shared cores)",
+        )
     report = "\n".join(header + body) + "\n"
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as f:
