@@ -283,8 +283,7 @@ def test_ddp_from_the_command_line(tmp_path):
     assert all(not torch.equal(before[k], after[k]) for k in before)  # every parameter was trained
     metrics = cli.trainer.callback_metrics
     for m in cli.model.modalities:
+        # A global count: at most one per step, not one per rank and step.
         conflicts = float(metrics[f"mmpareto/{m}/conflicts_total"])
-        assert (
-            conflicts == int(conflicts) and 0 <= conflicts <= 3
-        )  # global counts: one per step, not per rank
+        assert conflicts == int(conflicts) and 0 <= conflicts <= 3
         assert -1.0 <= float(metrics[f"mmpareto/{m}/cos_beta_step"]) <= 1.0
