@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -137,3 +139,17 @@ def test_precheck_catches_a_wrong_engine(bench: ModuleType, monkeypatch: pytest.
         bench.run_main(
             spec, 2, 4, torch.device("cpu"), iters=1, warmup=0, seed=0, lightning=False, memory=False
         )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs every CUDA check")
+def test_gpu_checks_script_stops_clearly_without_cuda(tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = subprocess.run(
+        ["bash", str(SCRIPT.parent / "gpu_checks.sh"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=SCRIPT.parents[1],
+    )
+    assert out.returncode == 1
+    assert "no CUDA device: nothing to check" in out.stderr
