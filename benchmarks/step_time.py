@@ -622,6 +622,19 @@ def peak_memory_bytes(factory: Callable[[], Method], device: torch.device) -> tu
     return peak, "torch MemTracker (tensor storages)"
 
 
+def peak_memory_of_methods(
+    base: MultiEncoderNet, batch: Mapping[str, Tensor], device: torch.device
+) -> tuple[dict[str, int | None], str]:
+    """Peak bytes of every method's step, each built fresh from a copy of ``base``, and how measured."""
+    peaks: dict[str, int | None] = {}
+    memory_method = "not measured"
+    for name in METHODS:
+        peaks[name], memory_method = peak_memory_bytes(
+            lambda name=name: METHOD_CLASSES[name](copy.deepcopy(base), batch), device
+        )
+    return peaks, memory_method
+
+
 # --------------------------------------------------------------------------------------------- Lightning
 def time_lightning(
     spec: ModelSpec,
@@ -793,10 +806,7 @@ def run_main(
     peaks: dict[str, int | None] = {}
     memory_method = "not measured"
     if memory:
-        for name in METHODS:
-            peaks[name], memory_method = peak_memory_bytes(
-                lambda name=name: METHOD_CLASSES[name](copy.deepcopy(base), batch), device
-            )
+        peaks, memory_method = peak_memory_of_methods(base, batch, device)
     light = (
         time_lightning(spec, base, batch, device, iters, lightning_rounds) if lightning and timing else None
     )
@@ -842,12 +852,7 @@ def run_memory_sweep(
     memory_method = "not measured"
     for size in batch_sizes:
         base, batch = build_network_and_batch(spec, n_encoders, size, device, seed)
-        peaks: dict[str, int | None] = {}
-        for name in METHODS:
-            peaks[name], memory_method = peak_memory_bytes(
-                lambda name=name, base=base, batch=batch: METHOD_CLASSES[name](copy.deepcopy(base), batch),
-                device,
-            )
+        peaks, memory_method = peak_memory_of_methods(base, batch, device)
         points.append(MemoryPoint(size, peaks, grad_bytes(base)))
         gc.collect()
     return points, memory_method
@@ -982,8 +987,8 @@ def format_memory_note(result: MainResult) -> str:
 def format_memory_sweep(points: Sequence[MemoryPoint], memory_method: str) -> str:
     """Markdown table: per batch size, each method's peak over uniform in encoder-gradient copies.
 
-    The bound ``uniform + 2 copies`` is checked for ``mmpareto``; the last column is what the extra
-    backward's activation gradients would add per sample if the excess beyond two copies grew linearly.
+    The bound ``uniform + 2 copies`` is checked for ``mmpareto``; the last column divides its excess
+    beyond two copies by the batch size.
     """
     lines = [
         "| batch | uniform peak MiB | mmpareto over uniform, copies | authors over uniform, copies "
