@@ -150,6 +150,8 @@ def test_16_mixed_with_grad_scaler_matches_direct_gradients() -> None:
 
 
 class InfOnce(MultiModalNet):
+    """The visual loss is infinite on the second batch."""
+
     def training_step(self, batch, batch_idx):
         losses = self.losses(batch)
         if batch_idx == 1:
@@ -157,20 +159,26 @@ class InfOnce(MultiModalNet):
         return losses
 
 
+class ParameterSnapshots(pl.Callback):
+    """Keeps a copy of every parameter after each training batch."""
+
+    def __init__(self) -> None:
+        self.snapshots: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.snapshots.append({k: v.detach().clone() for k, v in pl_module.named_parameters()})
+
+
 def test_16_mixed_skips_the_step_on_an_infinite_loss_like_the_scaler_does(recwarn) -> None:
     torch.manual_seed(0)
     model = InfOnce(n=2)
-    snapshots = []
-
-    class Snapshot(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            snapshots.append({k: v.detach().clone() for k, v in pl_module.named_parameters()})
-
+    record = ParameterSnapshots()
     plugin = _fp16_plugin()
     trainer = pl.Trainer(
-        max_steps=3, plugins=[plugin], callbacks=[MMParetoCallback(), Snapshot()], **trainer_kwargs()
+        max_steps=3, plugins=[plugin], callbacks=[MMParetoCallback(), record], **trainer_kwargs()
     )
     trainer.fit(model, make_loader(2, size=48))
+    snapshots = record.snapshots
     for name, value in snapshots[0].items():
         assert torch.equal(snapshots[1][name], value), f"{name} moved on the skipped step"
         assert not torch.equal(snapshots[2][name], value) or "bias" in name

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from _models import MultiModalNet, make_loader, trainer_kwargs
-from test_distributed_precision import ScaledRecordingNet
+from test_distributed_precision import InfOnce, ParameterSnapshots, ScaledRecordingNet
 from test_end_to_end import _assert_moved_by, _expected_deltas
 
 from mmpareto_lightning import MMParetoCallback, MMParetoEngine, RuleConfig
@@ -38,26 +38,15 @@ def test_16_mixed_on_cuda_matches_direct_gradients() -> None:
 
 
 def test_16_mixed_on_cuda_skips_an_infinite_step() -> None:
-    class InfAtSecond(MultiModalNet):
-        def training_step(self, batch, batch_idx):
-            losses = self.losses(batch)
-            if batch_idx == 1:
-                losses["audio"] = losses["audio"] * float("inf")
-            return losses
-
-    snapshots = []
-
-    class Snapshot(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            snapshots.append({k: v.detach().clone() for k, v in pl_module.named_parameters()})
-
+    record = ParameterSnapshots()
     trainer = pl.Trainer(
         max_steps=3,
         precision="16-mixed",
-        callbacks=[MMParetoCallback(), Snapshot()],
+        callbacks=[MMParetoCallback(), record],
         **trainer_kwargs(accelerator="cuda"),
     )
-    trainer.fit(InfAtSecond(n=2), make_loader(2, size=48))
+    trainer.fit(InfOnce(n=2), make_loader(2, size=48))
+    snapshots = record.snapshots
     for name, value in snapshots[0].items():
         assert torch.equal(snapshots[1][name], value), name
     assert trainer.precision_plugin.scaler.get_scale() < 2.0**16
