@@ -22,9 +22,10 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
+from mmpareto_lightning.compare import _INSTALL_HINT
+
 __all__ = ["MMParetoCLI", "build_cli", "main"]
 
-_INSTALL_HINT = 'pip install "mmpareto-lightning[examples]"'
 
 _DESCRIPTION = (
     "Train, validate, test or predict with MMPareto (LightningCLI; pick model and data with class_path, "
@@ -33,11 +34,11 @@ _DESCRIPTION = (
 )
 
 
-def _require_jsonargparse() -> None:
+def _require_jsonargparse(what: str = "the mmpareto-lightning command") -> None:
     try:
         import jsonargparse  # noqa: F401
     except ImportError as err:
-        raise ImportError(f"the mmpareto-lightning command needs jsonargparse: {_INSTALL_HINT}") from err
+        raise ImportError(f"{what} needs jsonargparse: {_INSTALL_HINT}") from err
 
 
 class MMParetoCLI(LightningCLI):

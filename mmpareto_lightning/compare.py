@@ -37,6 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Also the hint of the `mmpareto-lightning` command (cli.py): this module imports only the standard
+# library at load time, so `compare --help` stays fast.
+_INSTALL_HINT = 'pip install "mmpareto-lightning[examples]"'
+
 __all__ = [
     "STRATEGY_LABELS",
     "CompareResult",
@@ -46,7 +50,6 @@ __all__ = [
     "run_compare",
 ]
 
-_INSTALL_HINT = 'pip install "mmpareto-lightning[examples]"'
 
 STRATEGY_LABELS: dict[str, str] = {
     "multimodal_only": "one joint loss",
@@ -686,10 +689,9 @@ def main(argv: Sequence[str] | None = None) -> CompareResult:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        import jsonargparse  # noqa: F401
-    except ImportError as err:
-        raise ImportError(f"`mmpareto-lightning compare` needs jsonargparse: {_INSTALL_HINT}") from err
+    from mmpareto_lightning.cli import _require_jsonargparse
+
+    _require_jsonargparse("`mmpareto-lightning compare`")
     command = "mmpareto-lightning compare" + ("" if not argv else " " + shlex.join(argv))
     result = run_compare(
         config=args.config,
