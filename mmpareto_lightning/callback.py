@@ -61,10 +61,12 @@ class MMParetoCallback(Callback):
         log_on_step: log the metrics every step (``*_step`` keys).
         log_on_epoch: log epoch aggregates (``*_epoch`` keys).
 
-    Logged keys, per encoder ``<e>``: ``mmpareto/<e>/cos_beta``, ``alpha_multimodal``, ``alpha_unimodal``,
-    ``rescale`` (means), ``conflicts`` and ``stationary`` (counts), ``conflicts_total`` and
-    ``stationary_total`` (cumulative, kept in checkpoints); ``mmpareto/skipped_steps``; and each loss as
-    ``train/loss_<name>`` plus their sum ``train/loss``.
+    Logged keys, all under ``mmpareto/`` so that none can overwrite a key of the user's: per encoder
+    ``<e>``, ``mmpareto/<e>/cos_beta``, ``alpha_multimodal``, ``alpha_unimodal`` (and ``alpha_<loss>`` for
+    every further objective; the alphas of an encoder sum to 1), ``rescale`` (means, ``_step`` and
+    ``_epoch``), ``conflicts`` and ``stationary`` (counts), ``conflict_rate_epoch``, ``conflicts_total``
+    and ``stationary_total`` (cumulative, logged every step, kept in checkpoints);
+    ``mmpareto/skipped_steps``; and each loss as ``mmpareto/loss_<name>`` plus their sum ``mmpareto/loss``.
 
     Example::
 
@@ -235,7 +237,10 @@ class MMParetoCallback(Callback):
         detached = {k: v.detach() for k, v in losses.items()}
         assert self._metrics is not None
         loss_values = self._metrics.loss_values(detached)
-        if self._metrics.update_losses(loss_values) and hasattr(pl_module, "_metric_attributes"):
+        created = self._metrics.update_losses(loss_values)
+        for name, layout in self._engine.splitter.layouts.items():
+            created |= self._metrics.set_objectives(name, layout.objectives)
+        if created and hasattr(pl_module, "_metric_attributes"):
             # New metric objects: Lightning caches where the module's metrics live on the first
             # `self.log(<Metric>)` (e.g. in validation), so the cache is dropped to find them too.
             pl_module._metric_attributes = None
@@ -289,14 +294,16 @@ class MMParetoCallback(Callback):
         for name, s in stats.items():
             ok = s.finite if valid is None else s.finite & valid
             self._totals[name] += torch.stack([s.conflict & ok, s.stationary & ok]).to(torch.float32)
-        if not log_step:
-            return
-        values = self._metrics.step_values(stats)
+        # The cumulative counts are logged on every step, so ModelCheckpoint and EarlyStopping can
+        # monitor them whenever they look.
+        values: dict[str, Tensor] = {}
         for name, totals in self._totals.items():
             values[f"mmpareto/{name}/conflicts_total"] = totals[0]
             values[f"mmpareto/{name}/stationary_total"] = totals[1]
         # The counter of skipped steps only changes after this point: it is logged as it was before.
         values["mmpareto/skipped_steps"] = self._skipped_tensor
+        if log_step:
+            values.update(self._metrics.step_values(stats))
         pl_module.log_dict(values, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ hooks
@@ -317,7 +324,7 @@ class MMParetoCallback(Callback):
             for key, metric in self._metrics.epoch_metrics().items():
                 if metric.update_called:
                     pl_module.log(
-                        key, metric, on_step=False, on_epoch=True, prog_bar=key == "train/loss_epoch"
+                        key, metric, on_step=False, on_epoch=True, prog_bar=key == "mmpareto/loss_epoch"
                     )
                     logged[key] = metric
         _step_schedulers(

@@ -1,13 +1,16 @@
 """torchmetrics that show what MMPareto does to each encoder during training.
 
-Per encoder: ``MeanMetric`` for cos beta, the weights alpha of the multimodal and the unimodal gradient
-and the rescale factor; ``SumMetric`` for the steps with a gradient conflict and the Pareto-stationary
+Per encoder: ``MeanMetric`` for cos beta, the weight alpha of every objective, the rescale factor and
+the conflict rate; ``SumMetric`` for the steps with a gradient conflict and the Pareto-stationary
 steps. The values come from gradients that are already averaged across processes, so every rank holds
 the same numbers: the metrics do not sync again (``sync_on_compute=False``), which would multiply the
 counts by the world size.
 
 The training losses are ``MeanMetric`` too: their step values are the rank's own batch (no collective in
 the step) and their epoch means are averaged across ranks once, when the epoch ends.
+
+Every key lives under one namespace (``mmpareto/`` by default), so nothing the plugin logs can overwrite
+a key the user logs.
 """
 
 from __future__ import annotations
@@ -20,16 +23,7 @@ from torchmetrics import MeanMetric, Metric, SumMetric
 
 from mmpareto_lightning.rule import RuleStats
 
-__all__ = ["METRIC_NAMES", "MMParetoMetrics"]
-
-METRIC_NAMES: tuple[str, ...] = (
-    "cos_beta",
-    "alpha_multimodal",
-    "alpha_unimodal",
-    "rescale",
-    "conflicts",
-    "stationary",
-)
+__all__ = ["MMParetoMetrics", "alpha_keys"]
 
 
 def _mean() -> MeanMetric:
@@ -38,6 +32,32 @@ def _mean() -> MeanMetric:
 
 def _sum() -> SumMetric:
     return SumMetric(nan_strategy="disable", sync_on_compute=False)
+
+
+def alpha_keys(objectives: Sequence[str]) -> list[str]:
+    """Metric names of the weights of an encoder's objectives (multimodal first, unimodal second).
+
+    The first two are named by their role; further objectives (other losses that reach the encoder) by
+    their loss name.
+    """
+    keys = ["alpha_multimodal", "alpha_unimodal"]
+    for name in objectives[2:]:
+        key = f"alpha_{name}"
+        keys.append(key if key not in keys else f"alpha_loss_{name}")
+    return keys
+
+
+class _EncoderMetrics(nn.Module):
+    """The metrics of one encoder; the alpha metrics follow the encoder's objectives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.means = nn.ModuleDict({"cos_beta": _mean(), "rescale": _mean(), "conflict_rate": _mean()})
+        self.alphas = nn.ModuleDict()
+        self.sums = nn.ModuleDict({"conflicts": _sum(), "stationary": _sum()})
+        self.alpha_names: list[str] = []
+        # [sum w*cos, sum w*rescale, sum w*alpha_0 .. sum w*alpha_{K-1}, sum w, conflicts, stationary]
+        self.running: Tensor | None = None
 
 
 class MMParetoMetrics(nn.Module):
@@ -51,46 +71,29 @@ class MMParetoMetrics(nn.Module):
 
     Args:
         encoders: encoder names.
-        prefix: logging namespace of the rule's metrics: ``f"{prefix}/{encoder}/{name}"``.
-        loss_prefix: logging namespace of the losses: ``f"{loss_prefix}/loss_{name}"``.
+        prefix: logging namespace: ``f"{prefix}/{encoder}/{name}"`` for the rule's metrics and
+            ``f"{prefix}/loss_{name}"`` for the losses.
 
     Example::
 
         metrics = MMParetoMetrics(["audio", "visual"])
-        metrics.update(stats)                                  # every step
-        lightning_module.log_dict(metrics.step_values(stats))  # on logging steps
-        for key, metric in metrics.epoch_metrics().items():    # at epoch end
+        metrics.set_objectives("audio", ["multimodal", "audio"])  # when the objectives are known
+        metrics.update(stats)                                      # every step
+        lightning_module.log_dict(metrics.step_values(stats))      # on logging steps
+        for key, metric in metrics.epoch_metrics().items():        # at epoch end
             lightning_module.log(key, metric, on_step=False, on_epoch=True)
     """
 
-    _MEANS = ("cos_beta", "alpha_multimodal", "alpha_unimodal", "rescale")
-
-    def __init__(self, encoders: Sequence[str], prefix: str = "mmpareto", loss_prefix: str = "train") -> None:
+    def __init__(self, encoders: Sequence[str], prefix: str = "mmpareto") -> None:
         super().__init__()
         self.prefix = prefix
-        self.loss_prefix = loss_prefix
-        self.per_encoder = nn.ModuleDict(
-            {
-                name: nn.ModuleDict(
-                    {
-                        "cos_beta": _mean(),
-                        "alpha_multimodal": _mean(),
-                        "alpha_unimodal": _mean(),
-                        "rescale": _mean(),
-                        "conflicts": _sum(),
-                        "stationary": _sum(),
-                    }
-                )
-                for name in encoders
-            }
-        )
+        self.per_encoder = nn.ModuleDict({name: _EncoderMetrics() for name in encoders})
         # Created on the first step, when the loss names are known.
         self.losses = nn.ModuleDict()
-        # encoder -> [sum w*cos, sum w*alpha_m, sum w*alpha_u, sum w*rescale, sum w, conflicts, stationary]
-        self._running: dict[str, Tensor] = {}
         self._loss_names: list[str] = []
         self._loss_running: Tensor | None = None  # (2, L): sum of finite losses, count of finite ones
 
+    # ------------------------------------------------------------------ losses
     @staticmethod
     def loss_values(losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``"loss_<name>"`` -> detached scalar loss, plus ``"loss"``: their sum."""
@@ -117,38 +120,8 @@ class MMParetoMetrics(nn.Module):
         return created
 
     def loss_step_values(self, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``f"{loss_prefix}/loss_<name>_step"`` -> the step's rank-local loss (from :meth:`loss_values`)."""
-        return {f"{self.loss_prefix}/{k}_step": v for k, v in values.items()}
-
-    def update(self, stats: Mapping[str, RuleStats], valid: Tensor | None = None) -> None:
-        """Add one step's statistics.
-
-        Args:
-            stats: encoder -> :class:`RuleStats` of the step.
-            valid: 0-d bool tensor; a step whose update was skipped (non-finite values) enters with zero
-                weight instead of poisoning the means.
-        """
-        for name, s in stats.items():
-            ok = s.finite if valid is None else s.finite & valid
-            weight = ok.to(torch.float32)
-            means = [torch.where(ok, v, 0.0) * weight for v in self._means(s).values()]
-            step = torch.stack([*means, weight, (s.conflict & ok).float(), (s.stationary & ok).float()])
-            running = self._running.get(name)
-            self._running[name] = step if running is None else running.add_(step)
-
-    @classmethod
-    def _means(cls, s: RuleStats) -> dict[str, Tensor]:
-        values = (s.cos_beta, s.alphas[0], s.alphas[1], s.rescale)
-        return {k: v.to(torch.float32) for k, v in zip(cls._MEANS, values, strict=True)}
-
-    def step_values(self, stats: Mapping[str, RuleStats]) -> dict[str, Tensor]:
-        """``f"{prefix}/<encoder>/<name>_step"`` -> this step's value, as 0-d tensors on the device."""
-        values: dict[str, Tensor] = {}
-        for name, s in stats.items():
-            step = {**self._means(s), "conflicts": s.conflict.float(), "stationary": s.stationary.float()}
-            for key in METRIC_NAMES:
-                values[f"{self.prefix}/{name}/{key}_step"] = step[key]
-        return values
+        """``f"{prefix}/loss_<name>_step"`` -> the step's rank-local loss (from :meth:`loss_values`)."""
+        return {f"{self.prefix}/{k}_step": v for k, v in values.items()}
 
     def _flush_losses(self) -> None:
         if self._loss_running is None:
@@ -158,16 +131,85 @@ class MMParetoMetrics(nn.Module):
             self.losses[key].update(sums[i] / counts[i].clamp_min(1), counts[i])
         self._loss_running = None
 
+    # ------------------------------------------------------------------ the rule's statistics
+    def set_objectives(self, encoder: str, objectives: Sequence[str]) -> bool:
+        """Name the objectives whose weights ``encoder`` logs. Returns whether new metrics were created.
+
+        Args:
+            encoder: the encoder's name.
+            objectives: the loss names of its objectives, multimodal first and unimodal second.
+        """
+        metrics: _EncoderMetrics = self.per_encoder[encoder]  # type: ignore[assignment]
+        names = alpha_keys(objectives)
+        if names == metrics.alpha_names:
+            return False
+        self._flush_encoder(metrics)
+        metrics.alpha_names = names
+        created = False
+        device = metrics.sums["conflicts"].sum_value.device  # type: ignore[union-attr]
+        for key in names:
+            if key not in metrics.alphas:
+                metrics.alphas[key] = _mean().to(device)
+                created = True
+        return created
+
+    def update(self, stats: Mapping[str, RuleStats], valid: Tensor | None = None) -> None:
+        """Add one step's statistics.
+
+        Args:
+            stats: encoder -> :class:`RuleStats` of the step (encoders absent this step are left out).
+            valid: 0-d bool tensor; a step whose update was skipped (non-finite values) enters with zero
+                weight instead of poisoning the means.
+        """
+        for name, s in stats.items():
+            ok = s.finite if valid is None else s.finite & valid
+            weight = ok.to(torch.float32)
+            means = torch.cat([s.cos_beta.reshape(1), s.rescale.reshape(1), s.alphas.reshape(-1)]).float()
+            step = torch.cat(
+                [
+                    torch.where(ok, means, 0.0) * weight,
+                    torch.stack([weight, (s.conflict & ok).float(), (s.stationary & ok).float()]),
+                ]
+            )
+            metrics: _EncoderMetrics = self.per_encoder[name]  # type: ignore[assignment]
+            if metrics.running is not None and metrics.running.shape != step.shape:
+                self._flush_encoder(metrics)
+            metrics.running = step if metrics.running is None else metrics.running.add_(step)
+
+    def step_values(self, stats: Mapping[str, RuleStats]) -> dict[str, Tensor]:
+        """``f"{prefix}/<encoder>/<name>_step"`` -> this step's value, as 0-d tensors on the device."""
+        values: dict[str, Tensor] = {}
+        for name, s in stats.items():
+            metrics: _EncoderMetrics = self.per_encoder[name]  # type: ignore[assignment]
+            base = f"{self.prefix}/{name}/"
+            values[base + "cos_beta_step"] = s.cos_beta.float()
+            for key, alpha in zip(metrics.alpha_names, s.alphas.float().unbind(), strict=True):
+                values[base + f"{key}_step"] = alpha
+            values[base + "rescale_step"] = s.rescale.float()
+            values[base + "conflicts_step"] = s.conflict.float()
+            values[base + "stationary_step"] = s.stationary.float()
+        return values
+
+    def _flush_encoder(self, metrics: _EncoderMetrics) -> None:
+        running = metrics.running
+        if running is None:
+            return
+        k = len(running) - 5
+        weight, conflicts, stationary = running[-3], running[-2], running[-1]
+        safe = weight.clamp_min(1)
+        metrics.means["cos_beta"].update(running[0] / safe, weight)
+        metrics.means["rescale"].update(running[1] / safe, weight)
+        metrics.means["conflict_rate"].update(conflicts / safe, weight)
+        for i, key in enumerate(metrics.alpha_names[:k]):
+            metrics.alphas[key].update(running[2 + i] / safe, weight)
+        metrics.sums["conflicts"].update(conflicts)
+        metrics.sums["stationary"].update(stationary)
+        metrics.running = None
+
     def flush(self) -> None:
         """Fold the running sums of the epoch into the torchmetrics objects."""
-        for name, running in self._running.items():
-            metrics = self.per_encoder[name]
-            weight = running[4]
-            for i, key in enumerate(self._MEANS):
-                metrics[key].update(running[i] / weight.clamp_min(1), weight)
-            metrics["conflicts"].update(running[5])
-            metrics["stationary"].update(running[6])
-        self._running = {}
+        for metrics in self.per_encoder.values():
+            self._flush_encoder(metrics)  # type: ignore[arg-type]
         self._flush_losses()
 
     def epoch_metrics(self) -> dict[str, Metric]:
@@ -175,8 +217,14 @@ class MMParetoMetrics(nn.Module):
         self.flush()
         out: dict[str, Metric] = {}
         for name, metrics in self.per_encoder.items():
-            for key in METRIC_NAMES:
-                out[f"{self.prefix}/{name}/{key}_epoch"] = metrics[key]
+            base = f"{self.prefix}/{name}/"
+            out[base + "cos_beta_epoch"] = metrics.means["cos_beta"]
+            for key in metrics.alpha_names:
+                out[base + f"{key}_epoch"] = metrics.alphas[key]
+            out[base + "rescale_epoch"] = metrics.means["rescale"]
+            out[base + "conflicts_epoch"] = metrics.sums["conflicts"]
+            out[base + "stationary_epoch"] = metrics.sums["stationary"]
+            out[base + "conflict_rate_epoch"] = metrics.means["conflict_rate"]
         for key, metric in self.losses.items():
-            out[f"{self.loss_prefix}/{key}_epoch"] = metric
+            out[f"{self.prefix}/{key}_epoch"] = metric
         return out

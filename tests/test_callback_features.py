@@ -135,17 +135,17 @@ def test_metrics_reach_the_logger(tmp_path) -> None:
                 np.mean(step_cos), abs=1e-6
             )
     loss_steps = [
-        float(r["train/loss_audio_step"])
+        float(r["mmpareto/loss_audio_step"])
         for r in rows
-        if r.get("train/loss_audio_step") and r["epoch"] == "0"
+        if r.get("mmpareto/loss_audio_step") and r["epoch"] == "0"
     ]
     loss_epoch = next(
-        float(r["train/loss_audio_epoch"])
+        float(r["mmpareto/loss_audio_epoch"])
         for r in rows
-        if r.get("train/loss_audio_epoch") and r["epoch"] == "0"
+        if r.get("mmpareto/loss_audio_epoch") and r["epoch"] == "0"
     )
     assert loss_epoch == pytest.approx(np.mean(loss_steps), rel=1e-5)
-    assert "train/loss_multimodal_step" in columns and "train/loss_audio_epoch" in columns
+    assert "mmpareto/loss_multimodal_step" in columns and "mmpareto/loss_audio_epoch" in columns
 
 
 def test_resume_keeps_the_cumulative_counters(tmp_path) -> None:
@@ -190,7 +190,7 @@ class Plateau(MultiModalNet):
 
 def test_reduce_on_plateau_sees_the_callbacks_epoch_metrics() -> None:
     torch.manual_seed(0)
-    model = Plateau("train/loss_epoch")
+    model = Plateau("mmpareto/loss_epoch")
     trainer = pl.Trainer(max_epochs=3, callbacks=[MMParetoCallback()], **trainer_kwargs())
     trainer.fit(model, make_loader(2, size=32, batch_size=16))
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.25)
@@ -215,11 +215,62 @@ class PlateauTopLevelMonitor(MultiModalNet):
 
 def test_reduce_on_plateau_monitor_at_the_top_level_and_missing() -> None:
     trainer = pl.Trainer(max_epochs=2, callbacks=[MMParetoCallback()], **trainer_kwargs())
-    trainer.fit(PlateauTopLevelMonitor("train/loss_epoch"), make_loader(2, size=32, batch_size=16))
+    trainer.fit(PlateauTopLevelMonitor("mmpareto/loss_epoch"), make_loader(2, size=32, batch_size=16))
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     # Stepped once per epoch with the monitored value (best starts at +inf in mode "min").
     assert scheduler.last_epoch == 2 and scheduler.best < float("inf")
-    assert scheduler.best == pytest.approx(float(trainer.callback_metrics["train/loss_epoch"]), rel=0.5)
+    assert scheduler.best == pytest.approx(float(trainer.callback_metrics["mmpareto/loss_epoch"]), rel=0.5)
     trainer = pl.Trainer(max_epochs=1, callbacks=[MMParetoCallback()], **trainer_kwargs())
     with pytest.raises(MisconfigurationException, match="must include a monitor"):
         trainer.fit(PlateauTopLevelMonitor(None), make_loader(2, size=32, batch_size=16))
+
+
+def test_every_objective_has_an_alpha_and_the_conflict_rate_is_logged(tmp_path) -> None:
+    # "align" reaches audio and visual: those encoders have three objectives, text has two.
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[MMParetoCallback()],
+        **trainer_kwargs(logger=CSVLogger(tmp_path, name="run")),
+    )
+    trainer.fit(MultiModalNet(n=3, extra_loss=True), make_loader(3, size=64, batch_size=16))
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    expected = {
+        "audio": ["alpha_multimodal", "alpha_unimodal", "alpha_align"],
+        "visual": ["alpha_multimodal", "alpha_unimodal", "alpha_align"],
+        "text": ["alpha_multimodal", "alpha_unimodal"],
+    }
+    for enc, keys in expected.items():
+        steps = [r for r in rows if r.get(f"mmpareto/{enc}/cos_beta_step")]
+        assert len(steps) == 8
+        assert not any(r.get(f"mmpareto/{enc}/alpha_align_step") for r in steps) or enc != "text"
+        for r in steps:
+            alphas = [float(r[f"mmpareto/{enc}/{k}_step"]) for k in keys]
+            assert sum(alphas) == pytest.approx(1.0, abs=1e-6)
+            if r[f"mmpareto/{enc}/conflicts_step"] == "0.0":
+                assert alphas == pytest.approx([1 / len(keys)] * len(keys))
+        for epoch in ("0", "1"):
+            conflicts = [float(r[f"mmpareto/{enc}/conflicts_step"]) for r in steps if r["epoch"] == epoch]
+            row = next(
+                r for r in rows if r.get(f"mmpareto/{enc}/conflict_rate_epoch") and r["epoch"] == epoch
+            )
+            assert float(row[f"mmpareto/{enc}/conflict_rate_epoch"]) == pytest.approx(np.mean(conflicts))
+            assert row.get(f"mmpareto/{enc}/alpha_align_epoch", "") != "" or enc == "text"
+
+
+def test_cumulative_counts_are_monitorable_on_every_step() -> None:
+    seen: list[set[str]] = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            seen.append(set(trainer.callback_metrics))
+
+    trainer = pl.Trainer(
+        max_steps=5, callbacks=[MMParetoCallback(), Watch()], **trainer_kwargs(log_every_n_steps=50)
+    )
+    trainer.fit(MultiModalNet(n=2), make_loader(2, size=80, batch_size=16))
+    assert len(seen) == 5
+    for keys in seen:
+        assert {"mmpareto/audio/conflicts_total", "mmpareto/visual/stationary_total"} <= keys
+    # Step values are written only on logging steps.
+    assert not any("mmpareto/audio/cos_beta_step" in keys for keys in seen)

@@ -94,7 +94,7 @@ def test_cg_digits_training_updates_every_encoder_and_logs_metrics(tmp_path):
     for key in (
         "mmpareto/gray/cos_beta_step",
         "mmpareto/color/alpha_multimodal_step",
-        "train/loss_multimodal_step",
+        "mmpareto/loss_multimodal_step",
     ):
         assert key in metrics
     results = trainer.test(model, datamodule=data, verbose=False)[0]
