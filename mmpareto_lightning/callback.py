@@ -2,28 +2,31 @@
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import Metric
 
 from mmpareto_lightning.engine import MMParetoEngine
 from mmpareto_lightning.metrics import MMParetoMetrics
-from mmpareto_lightning.module import MMParetoModule
+from mmpareto_lightning.module import MMParetoModule, attach_driver, detach_driver, ensure_wrapped
 from mmpareto_lightning.rule import RESCALE_MODES, STRATEGIES, RuleConfig, RuleStats
 from mmpareto_lightning.splitting import GradientSplittingError
+from mmpareto_lightning.stepping import OptimizationBookkeeping
 
 __all__ = ["MMParetoCallback"]
+
+_SUPPORTED_STRATEGIES = (
+    "single-device (CPU, one GPU) and DDP (`ddp`, `ddp_spawn`, `ddp_find_unused_parameters_true`)"
+)
 
 
 class MMParetoCallback(Callback):
@@ -36,10 +39,10 @@ class MMParetoCallback(Callback):
     ``global_step``, LR schedulers, precision plugins, DDP and optimizer hooks behave as usual. Heads and
     fusion layers get the plain gradient of the summed losses.
 
-    Because the Trainer rejects ``gradient_clip_val`` and ``accumulate_grad_batches`` in manual
-    optimization, the callback offers both: clipping acts on the integrated (and, under 16-bit AMP,
-    unscaled) gradients; accumulation sums the per-loss gradients over ``accumulate_grad_batches``
-    batches before the rule.
+    ``Trainer(accumulate_grad_batches=..., gradient_clip_val=..., gradient_clip_algorithm=...)`` work as
+    in automatic optimization (the callback takes them over, since Lightning rejects them in manual
+    mode); the same settings can be given here instead. Accumulation sums the per-loss gradients of the
+    window before the rule; clipping acts on the integrated (and, under 16-bit AMP, unscaled) gradients.
 
     Args:
         strategy: ``"mmpareto"`` (default), ``"pareto"`` (conventional MGDA), ``"uniform"`` (plain
@@ -49,15 +52,23 @@ class MMParetoCallback(Callback):
         rescale: ``"per_tensor"`` (the authors' code, never shrinks) or ``"per_encoder"`` (the paper's
             formula).
         gamma: final scale; ``None`` gives 1.5 with ``per_tensor`` rescale (authors' code) and 1.0
-            otherwise.
+            otherwise. It also applies to ``"uniform"`` (e.g. ``gamma=1.5``: the step-size control of
+            MMPareto's enlarged steps).
         multimodal_key: name of the multimodal loss in the dict ``training_step`` returns.
         stationarity_tol: relative tolerance of the Pareto-stationarity test.
-        accumulate_grad_batches: number of batches whose gradients are summed before each step.
-        gradient_clip_val: clip the integrated gradients to this value (``None``: no clipping).
+        accumulate_grad_batches: number of batches whose gradients are summed before each step (or set
+            it on the Trainer).
+        gradient_clip_val: clip the integrated gradients to this value (``None``: no clipping; or set it
+            on the Trainer).
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.
         skip_non_finite: without a GradScaler, check once per step that all losses and gradients are
             finite and skip the optimizer step otherwise (one host read of a boolean per step, what
-            ``GradScaler`` costs). Under 16-bit AMP the scaler makes that check and the callback adds none.
+            ``GradScaler`` costs; the skipped step counts as a step, as the scaler's does). Under 16-bit
+            AMP the scaler makes that check and the callback adds none.
+        diagnostics: with ``"uniform"`` or ``"multimodal_only"``, still split the gradients per loss to
+            log cos beta and conflicts (default). ``False`` runs those baselines at the cost of a plain
+            step and logs no rule metrics (for timing and large ablations); the rule strategies need the
+            split and refuse it.
         log_on_step: log the metrics every step (``*_step`` keys).
         log_on_epoch: log epoch aggregates (``*_epoch`` keys).
 
@@ -70,7 +81,7 @@ class MMParetoCallback(Callback):
 
     Example::
 
-        trainer = pl.Trainer(callbacks=[MMParetoCallback(strategy="mmpareto", gradient_clip_val=1.0)])
+        trainer = pl.Trainer(callbacks=[MMParetoCallback(strategy="mmpareto")], gradient_clip_val=1.0)
         trainer.fit(AVClassifier(), datamodule)
     """
 
@@ -85,6 +96,7 @@ class MMParetoCallback(Callback):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: Literal["norm", "value"] = "norm",
         skip_non_finite: bool = True,
+        diagnostics: bool = True,
         log_on_step: bool = True,
         log_on_epoch: bool = True,
     ) -> None:
@@ -112,65 +124,88 @@ class MMParetoCallback(Callback):
             )
         if not stationarity_tol >= 0:
             raise MisconfigurationException(f"`stationarity_tol` must be >= 0, got {stationarity_tol!r}.")
+        if not diagnostics and strategy not in ("uniform", "multimodal_only"):
+            raise MisconfigurationException(
+                f"`diagnostics=False` runs the baselines without the per-loss split, but strategy "
+                f"{strategy!r} needs it. Use it with strategy='uniform' or 'multimodal_only'."
+            )
         self.rule = RuleConfig(
             strategy=strategy, rescale=rescale, gamma=gamma, stationarity_tol=stationarity_tol
         )
         self.multimodal_key = multimodal_key
-        self.accumulate_grad_batches = accumulate_grad_batches
-        self.gradient_clip_val = gradient_clip_val
-        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.bookkeeping = OptimizationBookkeeping(
+            accumulate_grad_batches, gradient_clip_val, gradient_clip_algorithm
+        )
         self.skip_non_finite = skip_non_finite
+        self.diagnostics = diagnostics
         self.log_on_step = log_on_step
         self.log_on_epoch = log_on_epoch
 
+        self.in_step = False
+        self._batch_seen = False
+        # A window of the split-free baselines (diagnostics=False) has gradients waiting in .grad.
+        self._cheap_window_open = False
         self._engine: MMParetoEngine | None = None
         self._metrics: MMParetoMetrics | None = None
+        self._module: MMParetoModule | None = None
         self._totals: dict[str, Tensor] = {}
-        self._micro_batches = 0
-        self.optimizer_steps = 0
-        self.skipped_steps = 0
         self._loaded_totals: dict[str, dict[str, int]] = {}
         self._skipped_tensor = torch.zeros(())
-        self._parameters: list[nn.Parameter] = []
 
-    # ------------------------------------------------------------------ set-up
+    # ------------------------------------------------------------------ settings shown to users
+    @property
+    def accumulate_grad_batches(self) -> int:
+        return self.bookkeeping.accumulate_grad_batches
+
+    @property
+    def gradient_clip_val(self) -> float | None:
+        return self.bookkeeping.gradient_clip_val
+
+    @property
+    def gradient_clip_algorithm(self) -> str:
+        return self.bookkeeping.gradient_clip_algorithm
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of this callback's fits (skipped ones included), kept in checkpoints."""
+        return self.bookkeeping.optimizer_steps
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite values, kept in checkpoints."""
+        return self.bookkeeping.skipped_steps
+
     @property
     def state_key(self) -> str:
         return self._generate_state_key(strategy=self.rule.strategy, multimodal_key=self.multimodal_key)
 
+    # ------------------------------------------------------------------ set-up
+    def adopt_trainer_settings(self, trainer: pl.Trainer) -> None:
+        """Take over the Trainer's accumulation and clipping (called when a module is attached)."""
+        if self in trainer.callbacks:
+            self.bookkeeping.adopt_trainer_settings(trainer)
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
         if not isinstance(pl_module, MMParetoModule):
             raise MisconfigurationException(
                 f"MMParetoCallback needs an MMParetoModule, got {type(pl_module).__name__}. Subclass "
                 "`mmpareto_lightning.MMParetoModule` instead of `LightningModule`."
             )
-        if pl_module.automatic_optimization:
+        _check_trainer(trainer, pl_module)
+        ensure_wrapped(type(pl_module))
+        if "training_step" in vars(pl_module):
             raise MisconfigurationException(
-                f"{type(pl_module).__name__} has `automatic_optimization = True`, but MMPareto drives the "
-                "optimization itself. Remove the line that re-enables it (MMParetoModule.__init__ turns it "
-                "off)."
-            )
-        pl_module._mmpareto_callback = self
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert isinstance(pl_module, MMParetoModule)
-        if len(trainer.optimizers) != 1:
-            raise MisconfigurationException(
-                f"MMPareto steps exactly one optimizer, but `configure_optimizers` returned "
-                f"{len(trainer.optimizers)}. Put all parameters in one optimizer (parameter groups can keep "
-                "different learning rates)."
-            )
-        if isinstance(trainer.strategy, DDPStrategy) and trainer.strategy._ddp_kwargs.get("static_graph"):
-            raise MisconfigurationException(
-                "DDP with `static_graph=True` is not supported by MMPareto; use "
-                "`DDPStrategy(static_graph=False)` (the default)."
+                f"`training_step` was assigned to this {type(pl_module).__name__} instance; MMPareto wraps "
+                "methods of the class. Define `training_step` as a method (or assign it to the class)."
             )
         encoders = _validated_encoders(pl_module)
         try:
             self._engine = MMParetoEngine(encoders, self.rule, multimodal_key=self.multimodal_key)
         except GradientSplittingError as err:
             raise MisconfigurationException(str(err)) from err
-        self._parameters = [p for p in pl_module.parameters() if p.requires_grad]
+        self._engine.splitter.zero_absent = trainer.world_size > 1
         self._metrics = MMParetoMetrics(list(encoders)).to(pl_module.device)
         # torchmetrics objects logged with `self.log` must be attributes of the LightningModule.
         pl_module.mmpareto_metrics = self._metrics
@@ -181,99 +216,179 @@ class MMParetoCallback(Callback):
             self._totals[name] = torch.tensor(counts, dtype=torch.float32, device=pl_module.device)
         # Logged every step: a device tensor, since logging a Python number copies it to the device.
         self._skipped_tensor = torch.tensor(float(self.skipped_steps), device=pl_module.device)
-        self._micro_batches = 0
+        self.bookkeeping.restore_trainer_settings(trainer)
+        self._module = pl_module
+        attach_driver(pl_module, self)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                f"{type(pl_module).__name__} has `automatic_optimization = True`, but MMPareto drives the "
+                "optimization itself. Remove the line that re-enables it (MMParetoModule.__init__ turns it "
+                "off)."
+            )
+        if len(trainer.optimizers) != 1:
+            raise MisconfigurationException(
+                f"MMPareto steps exactly one optimizer, but `configure_optimizers` returned "
+                f"{len(trainer.optimizers)}. Put all parameters in one optimizer (parameter groups can keep "
+                "different learning rates)."
+            )
+        if self._metrics is not None:
+            self._metrics.to(pl_module.device)
+            self._totals = {k: v.to(pl_module.device) for k, v in self._totals.items()}
+            self._skipped_tensor = self._skipped_tensor.to(pl_module.device)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._release(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._engine is not None:
-            self._engine.remove_hooks()
+        if stage == "fit":
+            self._release(trainer)
+
+    def _release(self, trainer: pl.Trainer) -> None:
+        """End of a fit, normal or not: nothing of this fit stays on the module or the Trainer."""
+        if self._engine is not None:
+            self._engine.splitter.close_window()
+            self._engine.splitter.release_outputs()
             self._engine = None
-        if isinstance(pl_module, MMParetoModule) and pl_module._mmpareto_callback is self:
-            pl_module._mmpareto_callback = None
+        self._cheap_window_open = False
+        if self._module is not None:
+            detach_driver(self._module, self)
+            self._module = None
+        self.in_step = False
+        self.bookkeeping.release_trainer_settings(trainer)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        others = [
+            key
+            for key in checkpoint.get("callbacks", {})
+            if key.startswith(type(self).__qualname__) and key != self.state_key
+        ]
+        if others and self.state_key not in checkpoint.get("callbacks", {}):
+            rank_zero_warn(
+                f"The checkpoint holds the state of {others[0]}, not of this {self.state_key}: the strategy "
+                "or the multimodal key differs, so the cumulative conflict / stationarity counts and the "
+                "step counters restart from zero.",
+                category=RuntimeWarning,
+            )
 
     # ------------------------------------------------------------------ the training step
-    def capture(self) -> AbstractContextManager[None]:
-        """Context for the forward pass of a training step (used by :class:`MMParetoModule`)."""
-        if self._engine is None:
-            raise MisconfigurationException(
-                "MMPareto's training step runs only inside `Trainer.fit` (the callback sets up there)."
-            )
-        return self._engine.capture()
+    def run_training_step(
+        self, module: MMParetoModule, step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Run ``module``'s ``training_step`` under the split and do the update (the mixin calls this)."""
+        assert self._engine is not None
+        self.in_step = True
+        self._batch_seen = True
+        try:
+            with self._engine.capture():
+                losses = step(module, *args, **kwargs)
+            return self._optimize(module, losses)
+        finally:
+            self.in_step = False
+            self._engine.splitter.release_outputs()
 
-    def optimize(self, pl_module: MMParetoModule, losses: Any) -> dict[str, Tensor]:
+    def _optimize(self, pl_module: MMParetoModule, losses: Any) -> dict[str, Tensor] | None:
         """Backward, rule and optimizer step for the losses of one training step."""
-        if not isinstance(losses, Mapping):
+        if losses is not None and not isinstance(losses, Mapping):
             raise MisconfigurationException(
                 f"{type(pl_module).__name__}.training_step must return a dict of named scalar losses, e.g. "
-                f"{{'{self.multimodal_key}': loss_mm, '<encoder>': loss_unimodal, ...}}, got "
-                f"{type(losses).__name__}. Do not call backward yourself."
+                f"{{'{self.multimodal_key}': loss_mm, '<encoder>': loss_unimodal, ...}} (or None to skip "
+                f"the batch), got {type(losses).__name__}. Do not call backward yourself."
             )
-        assert self._engine is not None
+        assert self._engine is not None and self._metrics is not None
         trainer = pl_module.trainer
         optimizer = pl_module.optimizers()
         assert not isinstance(optimizer, list)
-        n = self.accumulate_grad_batches
-        self._micro_batches += 1
-        first = self._micro_batches == 1
-        last = self._micro_batches >= n or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        splitter = self._engine.splitter
+        last = self.bookkeeping.closes_window(trainer)
+        result: dict[str, Tensor] | None = None
+        if losses is not None:
+            if not (splitter.window_open or self._cheap_window_open):
+                optimizer.zero_grad(set_to_none=True)
+            result = self._backward(trainer, pl_module, dict(losses), last)
+        if last and (splitter.window_open or self._cheap_window_open):
+            self._finish_window(trainer, pl_module, optimizer)
+        return result
 
-        if first:
-            optimizer.zero_grad(set_to_none=True)
+    def _backward(
+        self, trainer: pl.Trainer, pl_module: MMParetoModule, losses: dict[str, Tensor], last: bool
+    ) -> dict[str, Tensor]:
+        assert self._engine is not None and self._metrics is not None
+        n = self.bookkeeping.accumulate_grad_batches
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        window = {k: v / n for k, v in losses.items()} if n > 1 else dict(losses)
+        window = {k: v / n for k, v in losses.items()} if n > 1 else losses
         sync: AbstractContextManager[Any] = nullcontext()
         if not last and isinstance(trainer.strategy, ParallelStrategy):
             sync = trainer.strategy.block_backward_sync()
+        splitter = self._engine.splitter
         with sync:
             try:
-                self._engine.backward(
-                    window,
-                    backward_fn=pl_module.manual_backward,
-                    scale_fn=scaler.scale if scaler is not None else None,
-                    accumulate=not first,
-                )
+                if not self.diagnostics and self.rule.strategy == "uniform":
+                    splitter.validate_losses(window)
+                    pl_module.manual_backward(sum(window.values()))
+                else:
+                    self._engine.backward(
+                        window,
+                        backward_fn=pl_module.manual_backward,
+                        scale_fn=scaler.scale if scaler is not None else None,
+                        accumulate=splitter.window_open,
+                        encoder_loss=None if self.diagnostics else self.multimodal_key,
+                    )
             except GradientSplittingError as err:
                 raise MisconfigurationException(str(err)) from err
+        if not self.diagnostics:
+            self._cheap_window_open = True
 
         detached = {k: v.detach() for k, v in losses.items()}
-        assert self._metrics is not None
         loss_values = self._metrics.loss_values(detached)
         created = self._metrics.update_losses(loss_values)
-        for name, layout in self._engine.splitter.layouts.items():
+        for name, layout in splitter.layouts.items():
             created |= self._metrics.set_objectives(name, layout.objectives)
         if created and hasattr(pl_module, "_metric_attributes"):
             # New metric objects: Lightning caches where the module's metrics live on the first
             # `self.log(<Metric>)` (e.g. in validation), so the cache is dropped to find them too.
             pl_module._metric_attributes = None
-        log_step = self.log_on_step and _is_logging_step(trainer)
-        if log_step:
+        if self.log_on_step and _is_logging_step(trainer):
             pl_module.log_dict(self._metrics.loss_step_values(loss_values), on_step=True, on_epoch=False)
-        total = loss_values["loss"]
-        if not last:
-            return {"loss": total, **detached}
+        return {"loss": loss_values["loss"], **detached}
 
-        self._micro_batches = 0
-        stats = self._engine.integrate(reduce_fn=_mean_across_ranks(trainer))
+    def _finish_window(self, trainer: pl.Trainer, pl_module: MMParetoModule, optimizer: Any) -> None:
+        assert self._engine is not None
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        encoder_params = {
+            id(p) for encoder in self._engine.splitter.encoders.values() for p in encoder.parameters()
+        }
+        if self.diagnostics:
+            stats = self._engine.integrate(reduce_fn=_mean_across_ranks(trainer))
+            others = [p for p in pl_module.parameters() if p.requires_grad and id(p) not in encoder_params]
+        else:
+            self._cheap_window_open = False
+            stats = {}
+            gamma = self.rule.effective_gamma
+            grads = [p.grad for p in pl_module.parameters() if id(p) in encoder_params and p.grad is not None]
+            if gamma != 1.0 and grads:
+                torch._foreach_mul_(grads, gamma)
+            others = [p for p in pl_module.parameters() if p.requires_grad]
         finite: Tensor | None = None
         if scaler is None and self.skip_non_finite:
-            finite = self._engine.all_finite(self._parameters)
+            finite = self._engine.all_finite(stats, others)
             if trainer.world_size > 1:
                 finite = _all_ranks(finite)
         # Metrics are updated before the finite check reads the device, so their kernels are queued
         # while the GPU still works on the backward.
-        self._record(pl_module, stats, finite, log_step)
-        if finite is not None and not bool(finite):  # the step's single host synchronisation
-            self._skip_step(pl_module, optimizer, stats)
-        else:
-            optimizer.step()
-        self.optimizer_steps += 1
-        _step_schedulers(
-            trainer, pl_module, "step", plateau=False, index=trainer.fit_loop.epoch_loop.batch_idx + 1
-        )
-        return {"loss": total, **detached}
+        self._record(pl_module, stats, finite, self.log_on_step and _is_logging_step(trainer))
+        skip = finite is not None and not bool(finite)  # the step's single host synchronisation
+        if skip:
+            self._warn_skipped(pl_module, stats)
+        self.bookkeeping.step(trainer, pl_module, optimizer, skip=skip)
 
-    def _skip_step(self, pl_module: MMParetoModule, optimizer: Any, stats: Mapping[str, RuleStats]) -> None:
+    def _warn_skipped(self, pl_module: MMParetoModule, stats: Mapping[str, RuleStats]) -> None:
         assert self._engine is not None
-        self.skipped_steps += 1
         self._skipped_tensor.add_(1)
         bad_losses = self._engine.non_finite_losses()
         bad_encoders = [name for name, s in stats.items() if not bool(s.finite)]
@@ -281,10 +396,10 @@ class MMParetoCallback(Callback):
             f"MMPareto: non-finite values at global step {pl_module.trainer.global_step}: "
             f"loss(es) {bad_losses or 'none (all losses finite)'}; encoder gradients of "
             f"{bad_encoders or 'no encoder'} (or a head's gradient) not finite. The optimizer step was "
-            "skipped and the parameters are untouched.",
+            "skipped (it counts as a step, as a GradScaler's skipped step does) and the parameters are "
+            "untouched.",
             category=RuntimeWarning,
         )
-        optimizer.zero_grad(set_to_none=True)
 
     def _record(
         self, pl_module: MMParetoModule, stats: Mapping[str, RuleStats], valid: Tensor | None, log_step: bool
@@ -307,16 +422,21 @@ class MMParetoCallback(Callback):
         pl_module.log_dict(values, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ hooks
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._batch_seen:
+            raise MisconfigurationException(
+                f"A training batch ran without MMPareto: {type(pl_module).__name__}.training_step was not "
+                "routed through MMParetoModule (nothing was optimized). Make sure the class subclasses "
+                "MMParetoModule and defines or inherits `training_step` as a method."
+            )
+        self._batch_seen = False
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        # Lightning unscales AMP gradients before this hook, so clipping sees true magnitudes.
-        if self.gradient_clip_val is not None:
-            pl_module.clip_gradients(
-                optimizer,
-                gradient_clip_val=self.gradient_clip_val,
-                gradient_clip_algorithm=self.gradient_clip_algorithm,
-            )
+        self.bookkeeping.clip(pl_module, optimizer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         logged: dict[str, Metric] = {}
@@ -327,13 +447,13 @@ class MMParetoCallback(Callback):
                         key, metric, on_step=False, on_epoch=True, prog_bar=key == "mmpareto/loss_epoch"
                     )
                     logged[key] = metric
-        _step_schedulers(
+        self.bookkeeping.step_schedulers(
             trainer, pl_module, "epoch", plateau=None, index=trainer.current_epoch + 1, extra=logged
         )
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.training or (trainer.state.fn == "fit" and not trainer.sanity_checking):
-            _step_schedulers(
+            self.bookkeeping.step_schedulers(
                 trainer, pl_module, "step", plateau=True, index=trainer.fit_loop.epoch_loop.batch_idx + 1
             )
 
@@ -345,14 +465,15 @@ class MMParetoCallback(Callback):
         }
         return {
             "totals": totals or self._loaded_totals,
-            "optimizer_steps": self.optimizer_steps,
-            "skipped_steps": self.skipped_steps,
+            "optimizer_steps": self.bookkeeping.optimizer_steps,
+            "skipped_steps": self.bookkeeping.skipped_steps,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_totals = {k: dict(v) for k, v in state_dict.get("totals", {}).items()}
-        self.optimizer_steps = int(state_dict.get("optimizer_steps", 0))
-        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self.bookkeeping.optimizer_steps = int(state_dict.get("optimizer_steps", 0))
+        self.bookkeeping.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self._skipped_tensor.fill_(float(self.bookkeeping.skipped_steps))
         for name, t in self._totals.items():
             loaded = self._loaded_totals.get(name, {})
             t.copy_(torch.tensor([loaded.get("conflicts", 0), loaded.get("stationary", 0)], dtype=t.dtype))
@@ -363,12 +484,44 @@ class MMParetoCallback(Callback):
         return self.state_dict()["totals"]
 
 
+def _check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Refuse, at the start of a fit, what the split cannot serve."""
+    mine = [c for c in trainer.callbacks if isinstance(c, MMParetoCallback)]
+    if len(mine) > 1:
+        raise MisconfigurationException(
+            f"The Trainer has {len(mine)} MMParetoCallbacks; MMPareto needs exactly one (each would run "
+            "the update and step the schedulers). Keep one."
+        )
+    strategy = trainer.strategy
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or type(strategy).__name__ in (
+        "DeepSpeedStrategy",
+    ):
+        raise MisconfigurationException(
+            f"MMPareto does not support the {type(strategy).__name__} strategy: sharded or model-parallel "
+            "training (FSDP, DeepSpeed, ModelParallelStrategy) keeps no whole per-loss encoder gradient to "
+            f"integrate. Supported: {_SUPPORTED_STRATEGIES}."
+        )
+    if isinstance(strategy, DDPStrategy) and strategy._ddp_kwargs.get("static_graph"):
+        raise MisconfigurationException(
+            "DDP with `static_graph=True` is not supported by MMPareto; use "
+            "`DDPStrategy(static_graph=False)` (the default)."
+        )
+    if getattr(pl_module, "_compiler_ctx", None):
+        raise MisconfigurationException(
+            f"{type(pl_module).__name__} was compiled as a whole with `torch.compile`, which hides the "
+            "encoders' outputs from MMPareto's capture. Compile the encoders and heads instead "
+            "(e.g. `self.audio_net = torch.compile(self.audio_net)`), not the LightningModule."
+        )
+
+
 def _validated_encoders(pl_module: MMParetoModule) -> dict[str, nn.Module]:
     encoders = pl_module.mmpareto_encoders()
+    if isinstance(encoders, nn.ModuleDict):
+        encoders = dict(encoders.items())
     if not isinstance(encoders, Mapping) or not encoders:
         raise MisconfigurationException(
-            f"{type(pl_module).__name__}.mmpareto_encoders() must return a non-empty dict of name -> "
-            f"encoder submodule, got {encoders!r}."
+            f"{type(pl_module).__name__}.mmpareto_encoders() must return a non-empty dict (or nn.ModuleDict) "
+            f"of name -> encoder submodule, got {encoders!r}."
         )
     module_names: dict[int, list[str]] = {}
     for mod_name, mod in pl_module.named_modules(remove_duplicate=False):
@@ -432,45 +585,3 @@ def _is_logging_step(trainer: pl.Trainer) -> bool:
     """Whether Lightning writes logs this step (``log_every_n_steps``): step values are logged only then."""
     connector = getattr(trainer, "_logger_connector", None)
     return bool(getattr(connector, "should_update_logs", True) or trainer.fast_dev_run)
-
-
-def _step_schedulers(
-    trainer: pl.Trainer,
-    pl_module: pl.LightningModule,
-    interval: str,
-    plateau: bool | None,
-    index: int,
-    extra: Mapping[str, Metric] | None = None,
-) -> None:
-    """Step LR schedulers as automatic optimization would (manual optimization does not)."""
-    recorded = getattr(pl_module, "_mmpareto_scheduler_keys", {})
-    for config in trainer.lr_scheduler_configs:
-        keys = recorded.get(id(config.scheduler), {})
-        is_plateau = keys.get("reduce_on_plateau", isinstance(config.scheduler, ReduceLROnPlateau))
-        if config.interval != interval or (plateau is not None and is_plateau != plateau):
-            continue
-        if index % config.frequency:
-            continue
-        monitor_val = None
-        if is_plateau:
-            monitor = keys.get("monitor")
-            if monitor is None:
-                raise MisconfigurationException(
-                    "`configure_optimizers` must include a monitor when a `ReduceLROnPlateau` scheduler is "
-                    'used, e.g. {"optimizer": opt, "lr_scheduler": {"scheduler": sched, '
-                    '"monitor": "val/loss"}}.'
-                )
-            monitor_val = trainer.callback_metrics.get(monitor)
-            if monitor_val is None and extra and monitor in extra:
-                # An epoch value logged a moment ago reaches callback_metrics only after this hook.
-                monitor_val = extra[monitor].compute()
-            if monitor_val is None:
-                message = (
-                    f"ReduceLROnPlateau conditioned on metric {monitor!r}, which is not available. "
-                    f"Available metrics are: {sorted({*trainer.callback_metrics, *(extra or {})})}."
-                )
-                if keys.get("strict", True):
-                    raise MisconfigurationException(message)
-                warnings.warn(message + " Skipping the learning-rate update.", RuntimeWarning, stacklevel=2)
-                continue
-        pl_module.lr_scheduler_step(config.scheduler, monitor_val)

@@ -1,7 +1,7 @@
 """MMPareto for a hand-written PyTorch training loop: gradient splitting plus the rule.
 
 :class:`MMParetoEngine` joins :class:`~mmpareto_lightning.splitting.GradientSplitter` (the per-objective
-encoder gradients) and :func:`~mmpareto_lightning.rule.integrate_gradients` (the rule) and writes the
+encoder gradients) and :func:`~mmpareto_lightning.rule.integrate_tensor_lists` (the rule) and writes the
 integrated gradients into ``.grad``. It knows nothing of Lightning; the Lightning callback is a thin
 layer on top of it.
 
@@ -28,7 +28,7 @@ from contextlib import AbstractContextManager
 import torch
 from torch import Tensor, nn
 
-from mmpareto_lightning.rule import RuleConfig, RuleStats, integrate_gradients
+from mmpareto_lightning.rule import RuleConfig, RuleStats, integrate_tensor_lists
 from mmpareto_lightning.splitting import GradientSplitter
 
 __all__ = ["MMParetoEngine"]
@@ -53,10 +53,11 @@ class MMParetoEngine:
     ) -> None:
         self.config = config or RuleConfig()
         self.splitter = GradientSplitter(encoders, multimodal_key=multimodal_key)
+        self._reduce_buffer: Tensor | None = None
 
     @property
     def encoder_names(self) -> list[str]:
-        return list(self.splitter.layouts)
+        return list(self.splitter.encoders)
 
     def capture(self) -> AbstractContextManager[None]:
         """Context manager around the forward pass whose losses go to :meth:`backward`."""
@@ -68,16 +69,23 @@ class MMParetoEngine:
         backward_fn: Callable[[Tensor], None] | None = None,
         scale_fn: Callable[[Tensor], Tensor] | None = None,
         accumulate: bool = False,
+        encoder_loss: str | None = None,
     ) -> None:
         """Per-objective encoder gradients plus the ordinary backward of the summed loss.
 
         See :meth:`GradientSplitter.backward` for the arguments. With ``accumulate=True`` the gradients
         add up over calls until :meth:`integrate` closes the window.
         """
-        self.splitter.backward(losses, backward_fn=backward_fn, scale_fn=scale_fn, accumulate=accumulate)
+        self.splitter.backward(
+            losses,
+            backward_fn=backward_fn,
+            scale_fn=scale_fn,
+            accumulate=accumulate,
+            encoder_loss=encoder_loss,
+        )
 
     def integrate(self, reduce_fn: ReduceFn | None = None) -> dict[str, RuleStats]:
-        """Apply the rule to every encoder and write the result into the encoder parameters' ``.grad``.
+        """Apply the rule to every encoder of the window and write the result into ``.grad``.
 
         Args:
             reduce_fn: averages a tensor across processes (data parallel); it receives one flat tensor
@@ -85,28 +93,48 @@ class MMParetoEngine:
                 The main objective's gradient is in ``.grad`` and is averaged by DDP's own backward.
 
         Returns:
-            encoder name -> the step's :class:`RuleStats`.
+            encoder name -> the step's :class:`RuleStats`, for the encoders that took part.
         """
-        buffer = self.splitter.extra_buffer
-        if reduce_fn is not None and buffer is not None and buffer.numel() > 0:
-            reduced = reduce_fn(buffer)
-            if reduced is not buffer:
-                buffer.copy_(reduced)
+        layouts = self.splitter.layouts
+        if reduce_fn is not None:
+            self._reduce_extras(reduce_fn)
         stats = {}
-        for name, layout in self.splitter.layouts.items():
-            _, stats[name] = integrate_gradients(
-                layout.grads, self.config, segments=layout.segments, out=layout.grads[1]
-            )
+        for name, layout in layouts.items():
+            _, stats[name] = integrate_tensor_lists(layout.grads, self.config, out=layout.grads[1])
         self.splitter.close_window()
         return stats
 
-    def all_finite(self, parameters: Iterable[nn.Parameter]) -> Tensor:
-        """0-d bool tensor: every loss of the window and every gradient of ``parameters`` is finite.
+    def _reduce_extras(self, reduce_fn: ReduceFn) -> None:
+        extras = [
+            (layout, k)
+            for layout in self.splitter.layouts.values()
+            for k in range(len(layout.objectives))
+            if k != 1
+        ]
+        tensors = [g for layout, k in extras for g in layout.grads[k]]
+        if not tensors:
+            return
+        size = sum(t.numel() for t in tensors)
+        buffer = self._reduce_buffer
+        if buffer is None or buffer.numel() != size or buffer.device != tensors[0].device:
+            buffer = self._reduce_buffer = torch.empty(size, dtype=tensors[0].dtype, device=tensors[0].device)
+        torch.cat([t.reshape(-1) for t in tensors], out=buffer)
+        reduced = reduce_fn(buffer)
+        views = iter(torch.split(reduced, [t.numel() for t in tensors]))
+        for layout, k in extras:
+            layout.grads[k] = [next(views).view_as(g) for g in layout.grads[k]]
 
+    def all_finite(self, stats: Mapping[str, RuleStats], parameters: Iterable[nn.Parameter] = ()) -> Tensor:
+        """0-d bool tensor: every loss of the window, every encoder gradient and ``parameters``' are finite.
+
+        The encoders' gradients are not read again: a non-finite entry makes the rule's Gram entries
+        non-finite (``RuleStats.finite``). ``parameters`` are the others (heads, fusion), read once.
         Stays on the device; reading it (``bool(...)``) is the caller's one host synchronisation.
         """
+        flags = [s.finite for s in stats.values()]
+        if self.splitter.loss_finite is not None:
+            flags.append(self.splitter.loss_finite.all())
         grads = [p.grad for p in parameters if p.grad is not None]
-        flags = [] if self.splitter.loss_finite is None else [self.splitter.loss_finite.all()]
         if grads:
             # The max-abs norm cannot overflow for finite entries, unlike the 2-norm.
             flags.append(torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all())
@@ -121,7 +149,3 @@ class MMParetoEngine:
             return []
         names = self.splitter.loss_names
         return [n for n, ok in zip(names, flags.tolist(), strict=True) if not ok]
-
-    def remove_hooks(self) -> None:
-        """Detach the engine's forward hooks from the encoders."""
-        self.splitter.remove_hooks()

@@ -53,7 +53,8 @@ class _EncoderMetrics(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.means = nn.ModuleDict({"cos_beta": _mean(), "rescale": _mean(), "conflict_rate": _mean()})
-        self.alphas = nn.ModuleDict()
+        self._alpha_list = nn.ModuleList()
+        self.alphas: dict[str, MeanMetric] = {}  # keyed by loss names, which a ModuleDict may refuse
         self.sums = nn.ModuleDict({"conflicts": _sum(), "stationary": _sum()})
         self.alpha_names: list[str] = []
         # [sum w*cos, sum w*rescale, sum w*alpha_0 .. sum w*alpha_{K-1}, sum w, conflicts, stationary]
@@ -87,9 +88,15 @@ class MMParetoMetrics(nn.Module):
     def __init__(self, encoders: Sequence[str], prefix: str = "mmpareto") -> None:
         super().__init__()
         self.prefix = prefix
-        self.per_encoder = nn.ModuleDict({name: _EncoderMetrics() for name in encoders})
+        # Lists, not ModuleDicts: encoder and loss names are free-form ("a.b", "type", "training").
+        self.encoder_names = list(encoders)
+        self._encoder_metrics = nn.ModuleList([_EncoderMetrics() for _ in encoders])
+        self.per_encoder: dict[str, _EncoderMetrics] = dict(
+            zip(self.encoder_names, self._encoder_metrics, strict=True)  # type: ignore[arg-type]
+        )
         # Created on the first step, when the loss names are known.
-        self.losses = nn.ModuleDict()
+        self._loss_metrics = nn.ModuleList()
+        self.losses: dict[str, MeanMetric] = {}
         self._loss_names: list[str] = []
         self._loss_running: Tensor | None = None  # (2, L): sum of finite losses, count of finite ones
 
@@ -112,6 +119,7 @@ class MMParetoMetrics(nn.Module):
                 if key not in self.losses:
                     # Default sync_on_compute: the epoch mean of a rank-local loss is averaged across ranks.
                     self.losses[key] = MeanMetric(nan_strategy="disable").to(value.device)
+                    self._loss_metrics.append(self.losses[key])
                     created = True
         stacked = torch.stack(list(values.values())).float()
         finite = torch.isfinite(stacked)
@@ -139,7 +147,7 @@ class MMParetoMetrics(nn.Module):
             encoder: the encoder's name.
             objectives: the loss names of its objectives, multimodal first and unimodal second.
         """
-        metrics: _EncoderMetrics = self.per_encoder[encoder]  # type: ignore[assignment]
+        metrics = self.per_encoder[encoder]
         names = alpha_keys(objectives)
         if names == metrics.alpha_names:
             return False
@@ -150,6 +158,7 @@ class MMParetoMetrics(nn.Module):
         for key in names:
             if key not in metrics.alphas:
                 metrics.alphas[key] = _mean().to(device)
+                metrics._alpha_list.append(metrics.alphas[key])
                 created = True
         return created
 
@@ -171,7 +180,7 @@ class MMParetoMetrics(nn.Module):
                     torch.stack([weight, (s.conflict & ok).float(), (s.stationary & ok).float()]),
                 ]
             )
-            metrics: _EncoderMetrics = self.per_encoder[name]  # type: ignore[assignment]
+            metrics = self.per_encoder[name]
             if metrics.running is not None and metrics.running.shape != step.shape:
                 self._flush_encoder(metrics)
             metrics.running = step if metrics.running is None else metrics.running.add_(step)
@@ -180,7 +189,7 @@ class MMParetoMetrics(nn.Module):
         """``f"{prefix}/<encoder>/<name>_step"`` -> this step's value, as 0-d tensors on the device."""
         values: dict[str, Tensor] = {}
         for name, s in stats.items():
-            metrics: _EncoderMetrics = self.per_encoder[name]  # type: ignore[assignment]
+            metrics = self.per_encoder[name]
             base = f"{self.prefix}/{name}/"
             values[base + "cos_beta_step"] = s.cos_beta.float()
             for key, alpha in zip(metrics.alpha_names, s.alphas.float().unbind(), strict=True):
@@ -209,7 +218,7 @@ class MMParetoMetrics(nn.Module):
     def flush(self) -> None:
         """Fold the running sums of the epoch into the torchmetrics objects."""
         for metrics in self.per_encoder.values():
-            self._flush_encoder(metrics)  # type: ignore[arg-type]
+            self._flush_encoder(metrics)
         self._flush_losses()
 
     def epoch_metrics(self) -> dict[str, Metric]:

@@ -291,3 +291,17 @@ def integrate_gradient_lists(
     segments = [g.numel() for g in grads[0]]
     flat, stats = integrate_gradients(flats, config, segments=segments)
     return [t.view(shape) for t, shape in zip(torch.split(flat, segments), shapes, strict=True)], stats
+
+
+def integrate_tensor_lists(
+    grads: Sequence[Sequence[Tensor]], config: RuleConfig | None = None, out: Sequence[Tensor] | None = None
+) -> tuple[list[Tensor], RuleStats]:
+    """TEMPORARY adapter (replaced by the per-tensor rule): flatten, integrate, write back."""
+    segments = [g.numel() for g in grads[0]]
+    flats = [torch.cat([g.reshape(-1) for g in gl]) for gl in grads]
+    flat, stats = integrate_gradients(flats, config, segments=segments)
+    pieces = [t.view_as(g) for t, g in zip(torch.split(flat, segments), grads[0], strict=True)]
+    if out is None:
+        return pieces, stats
+    torch._foreach_copy_(list(out), pieces)
+    return list(out), stats

@@ -2,21 +2,25 @@
 
 The scheme (``SPEC.md`` section 5):
 
-1. Forward hooks on the encoder modules capture each encoder's output ``z_k`` during the forward.
+1. The encoders' outputs are captured behind a fresh autograd boundary during the forward
+   (:mod:`mmpareto_lightning.capture`).
 2. The head-level cotangents ``dL_j / dz_k`` of every loss are taken with ``torch.autograd.grad``; this
    only differentiates the heads, which is cheap, and tells which losses reach which encoder.
 3. For every encoder, one objective (its own unimodal loss) is the *main* objective; the others (the
    multimodal loss, plus any extra loss that reaches it) are *extra* objectives. Their encoder gradients
    are vector-Jacobian products of ``z_k`` with their cotangents: one extra backward through the
    encoders per extra objective, batched over all encoders (the paper's setting needs exactly one).
+   Autograd hands back one fresh tensor per parameter, exactly as the ordinary backward does for
+   ``.grad``: no flat copy, no add.
 4. The ordinary backward of the summed loss then runs unchanged (so DDP's gradient bucketing and AMP's
    loss scaling keep working) with a hook on each ``z_k`` that replaces its incoming gradient by the main
    objective's cotangent: the encoders' ``.grad`` become exactly the main objective's gradient, while the
    heads get the usual gradient of the summed loss.
 
-Encoder ``.grad`` tensors are views into one flat buffer per encoder and the extra objectives' gradients
-live in one flat buffer for all encoders, so the rule runs on contiguous memory without copies and a
-distributed run averages all extra gradients with a single collective.
+The layout follows the model as it changes: an encoder's trainable parameters are read every step (so
+freezing and unfreezing during a fit work), a fully frozen encoder is skipped, and an encoder that was
+not called in a step (a missing modality, its unimodal loss absent) gets no gradient, as plain autograd
+would give.
 
 Nothing here knows Lightning: ``backward_fn`` and ``scale_fn`` let the caller plug in
 ``LightningModule.manual_backward`` and a ``GradScaler``.
@@ -24,15 +28,21 @@ Nothing here knows Lightning: ``backward_fn`` and ``scale_fn`` let the caller pl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["EncoderObjectives", "GradientSplitter", "GradientSplittingError"]
+from mmpareto_lightning.capture import OutputCapture
+
+__all__ = ["RESERVED_LOSS_KEYS", "EncoderObjectives", "GradientSplitter", "GradientSplittingError"]
+
+# "loss" is what Lightning users return for automatic optimization; here it would be one more objective
+# (counting the others twice when it is their sum), so it is refused.
+RESERVED_LOSS_KEYS: tuple[str, ...] = ("loss",)
 
 
 class GradientSplittingError(ValueError):
@@ -41,27 +51,26 @@ class GradientSplittingError(ValueError):
 
 @dataclass
 class EncoderObjectives:
-    """The gradient layout of one encoder.
+    """The gradient layout of one encoder in the current step (or accumulation window).
 
     Attributes:
         name: the encoder's name (also the key of its unimodal loss).
-        params: the encoder's trainable parameters, in layout order.
-        segments: number of elements of each parameter in the flat layout.
+        params: the encoder's trainable parameters this step, in layout order.
         objectives: names of the losses that reach the encoder; ``objectives[0]`` is the multimodal loss,
             ``objectives[1]`` the encoder's own loss, then the others in the order the losses were given.
-        grads: one flat gradient per objective (views into the splitter's buffers), valid after
-            :meth:`GradientSplitter.backward` until :meth:`GradientSplitter.close_window`.
+        grads: per objective, one gradient tensor per parameter, valid after
+            :meth:`GradientSplitter.backward` until :meth:`GradientSplitter.close_window`. ``grads[1]``
+            are the parameters' ``.grad`` tensors themselves.
     """
 
     name: str
     params: list[nn.Parameter]
-    segments: list[int]
     objectives: list[str] = field(default_factory=list)
-    grads: list[Tensor] = field(default_factory=list)
+    grads: list[list[Tensor]] = field(default_factory=list)
 
     @property
     def numel(self) -> int:
-        return sum(self.segments)
+        return sum(p.numel() for p in self.params)
 
 
 _BackwardFn = Callable[[Tensor], None]
@@ -76,24 +85,6 @@ def _identity(loss: Tensor) -> Tensor:
     return loss
 
 
-def _accumulate_into(view: Tensor, zero: Tensor) -> Callable[[Tensor], Tensor]:
-    def hook(grad: Tensor) -> Tensor:
-        view.add_(grad.reshape(-1))
-        return zero.expand_as(grad)
-
-    return hook
-
-
-def _flatten_tensors(output: object) -> list[Tensor]:
-    if isinstance(output, Tensor):
-        return [output]
-    if isinstance(output, Mapping):
-        return [t for v in output.values() for t in _flatten_tensors(v)]
-    if isinstance(output, (list, tuple)):
-        return [t for v in output for t in _flatten_tensors(v)]
-    return []
-
-
 class GradientSplitter:
     """Computes, in one training step, each objective's exact gradient on each encoder.
 
@@ -102,8 +93,8 @@ class GradientSplitter:
         multimodal_key: name of the multimodal loss.
 
     Raises:
-        GradientSplittingError: no encoders, a name equal to ``multimodal_key``, an encoder without
-            trainable parameters, or a parameter shared by two encoders.
+        GradientSplittingError: no encoders, a name equal to ``multimodal_key`` or reserved, or a
+            parameter shared by two encoders.
 
     Example::
 
@@ -111,28 +102,27 @@ class GradientSplitter:
         with splitter.capture():
             losses = compute_losses(net, batch)    # {"multimodal": ..., "audio": ..., "visual": ...}
         layouts = splitter.backward(losses)        # also runs the ordinary backward of the sum
-        g_mm, g_audio = layouts["audio"].grads     # flat gradients of the audio encoder
+        g_mm, g_audio = layouts["audio"].grads     # per-parameter gradients of the audio encoder
     """
 
     def __init__(self, encoders: Mapping[str, nn.Module], multimodal_key: str = "multimodal") -> None:
         if not encoders:
             raise GradientSplittingError("At least one encoder is needed; got an empty mapping.")
-        if multimodal_key in encoders:
-            raise GradientSplittingError(
-                f"An encoder is named {multimodal_key!r}, which is also the multimodal loss's key; rename "
-                "the encoder or pass another `multimodal_key`."
-            )
+        for name in (multimodal_key, *RESERVED_LOSS_KEYS):
+            if name in encoders:
+                raise GradientSplittingError(
+                    f"An encoder is named {name!r}, which is also "
+                    + ("the multimodal loss's key" if name == multimodal_key else "a reserved loss key")
+                    + "; rename the encoder"
+                    + (" or pass another `multimodal_key`." if name == multimodal_key else ".")
+                )
         owner: dict[int, str] = {}
-        self.layouts: dict[str, EncoderObjectives] = {}
         for name, module in encoders.items():
             if not isinstance(module, nn.Module):
                 raise GradientSplittingError(
                     f"Encoder {name!r} must be an nn.Module, got {type(module).__name__}."
                 )
-            params = [p for p in module.parameters() if p.requires_grad]
-            if not params:
-                raise GradientSplittingError(f"Encoder {name!r} has no parameter that requires grad.")
-            for p in params:
+            for p in module.parameters():
                 if id(p) in owner:
                     raise GradientSplittingError(
                         f"A parameter of shape {tuple(p.shape)} belongs to both encoder {owner[id(p)]!r} "
@@ -140,50 +130,36 @@ class GradientSplitter:
                         "modules). Give each encoder its own parameters."
                     )
                 owner[id(p)] = name
-            self.layouts[name] = EncoderObjectives(name, params, [p.numel() for p in params])
         self.multimodal_key = multimodal_key
-        self._encoders = dict(encoders)
-        self._outputs: dict[str, list[Tensor]] = {name: [] for name in encoders}
-        self._capturing = False
-        self._handles = [
-            module.register_forward_hook(self._make_capture_hook(name)) for name, module in encoders.items()
-        ]
-        self._extra_offsets: dict[str, int] = {}
-        self._extra_buffer: Tensor | None = None
-        self._checked_graph = False
+        self.encoders = dict(encoders)
+        self._capture = OutputCapture(self.encoders)
+        self.layouts: dict[str, EncoderObjectives] = {}
+        self._checked: set[tuple[object, ...]] = set()
         self._window_open = False
+        # Data-parallel ranks must integrate the same encoders: there an uncalled encoder takes part
+        # with zero gradients (its last known objectives), and the rule sees the ranks' average.
+        self.zero_absent = False
+        self._known_objectives: dict[str, list[str]] = {}
         self.loss_finite: Tensor | None = None
         self.loss_names: list[str] = []
 
     # ------------------------------------------------------------------ capture
-    def _make_capture_hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: object, output: object) -> None:
-            if self._capturing and torch.is_grad_enabled():
-                self._outputs[name].extend(t for t in _flatten_tensors(output) if t.requires_grad)
-
-        return hook
-
-    @contextmanager
-    def capture(self) -> Iterator[None]:
+    def capture(self) -> AbstractContextManager[None]:
         """Record the encoders' outputs during the forward pass run inside this block."""
-        for outputs in self._outputs.values():
-            outputs.clear()
-        self._capturing = True
-        try:
-            yield
-        finally:
-            self._capturing = False
+        return self._capture.capture()
 
-    def remove_hooks(self) -> None:
-        """Detach the forward hooks from the encoders."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    def trainable_params(self, name: str) -> list[nn.Parameter]:
+        """The parameters of encoder ``name`` that require grad now."""
+        return [p for p in self.encoders[name].parameters() if p.requires_grad]
+
+    def release_outputs(self) -> None:
+        """Let go of the captured outputs (and the graph they hold) without a backward."""
+        self._capture.clear()
 
     @property
-    def extra_buffer(self) -> Tensor | None:
-        """Flat buffer with every extra objective's gradient of every encoder (for one all-reduce)."""
-        return self._extra_buffer
+    def window_open(self) -> bool:
+        """Whether gradients of earlier calls are waiting for :meth:`close_window`."""
+        return self._window_open
 
     # ------------------------------------------------------------------ backward
     def backward(
@@ -192,6 +168,7 @@ class GradientSplitter:
         backward_fn: _BackwardFn | None = None,
         scale_fn: _ScaleFn | None = None,
         accumulate: bool = False,
+        encoder_loss: str | None = None,
     ) -> dict[str, EncoderObjectives]:
         """Split the encoder gradients per objective and run the ordinary backward of the summed loss.
 
@@ -202,61 +179,66 @@ class GradientSplitter:
             scale_fn: the loss scaling ``backward_fn`` applies (e.g. ``scaler.scale``), so that the
                 per-objective gradients carry the same scale as ``.grad``.
             accumulate: add to the gradients of the previous calls instead of starting a new window.
+            encoder_loss: skip the split and give the encoders only this loss's gradient in ``.grad``
+                (the heads still get the summed loss's): the one-joint-loss baseline at the cost of a
+                plain step. No layouts are returned then.
 
         Returns:
-            The layout of every encoder, whose ``grads`` now hold the per-objective gradients (summed
-            over the window when accumulating). ``.grad`` of the encoder parameters is
-            ``grads[1]``, the unimodal gradient, until the rule overwrites it.
+            The layout of every encoder that takes part in the window (trainable, and called in at
+            least one step of it), whose ``grads`` now hold the per-objective gradients (summed over the
+            window when accumulating). ``.grad`` of the encoder parameters is ``grads[1]``, the
+            unimodal gradient, until the rule overwrites it.
 
         Raises:
             GradientSplittingError: for losses or encoder outputs that do not allow the exact split.
         """
         backward_fn = backward_fn or _default_backward
         scale_fn = scale_fn or _identity
-        losses = self._validate_losses(losses)
+        try:
+            return self._backward(losses, backward_fn, scale_fn, accumulate, encoder_loss)
+        finally:
+            # The captured aliases hold the step's graph: nothing is kept past the backward.
+            self._capture.clear()
+
+    def _backward(
+        self,
+        losses: Mapping[str, Tensor],
+        backward_fn: _BackwardFn,
+        scale_fn: _ScaleFn,
+        accumulate: bool,
+        encoder_loss: str | None,
+    ) -> dict[str, EncoderObjectives]:
+        losses = self.validate_losses(losses)
+        modified = self._capture.modified_in_place()
+        if modified:
+            raise GradientSplittingError(
+                f"An output of encoder(s) {modified} was modified in place after the encoder returned it "
+                "(e.g. `nn.ReLU(inplace=True)` or `x.relu_()` as the first layer of a head), so the "
+                "per-loss gradients cannot be taken at the encoder's output. Use the out-of-place "
+                "version in the heads (`nn.ReLU()`, `x.relu()`)."
+            )
+        present = self._present_encoders(losses)
         names = list(losses)
-        all_outputs: list[Tensor] = []
-        owner: list[str] = []
-        for enc, outs in self._outputs.items():
-            if not outs:
-                raise GradientSplittingError(
-                    f"Encoder {enc!r} produced no output that requires grad during the forward pass. Call "
-                    "the encoder module itself (its forward hooks capture the output) inside the training "
-                    "step, with gradients enabled (reentrant activation checkpointing of inputs that do not "
-                    "require grad also drops the graph: use checkpoint(..., use_reentrant=False))."
-                )
-            all_outputs.extend(outs)
-            owner.extend([enc] * len(outs))
+        outputs, owner = self._capture.tensors(present)
 
         # Head-level cotangents: cot[loss][i] is d(scaled loss)/d(output i), None if it does not depend.
         scaled = {n: scale_fn(loss) for n, loss in losses.items()}
         cot: dict[str, list[Tensor | None]] = {}
         for n in names:
-            if scaled[n].requires_grad:
-                cot[n] = list(
-                    torch.autograd.grad(scaled[n], all_outputs, retain_graph=True, allow_unused=True)
-                )
+            if outputs:
+                cot[n] = list(torch.autograd.grad(scaled[n], outputs, retain_graph=True, allow_unused=True))
             else:
-                cot[n] = [None] * len(all_outputs)
-
-        changed = self._assign_objectives(names, cot, owner)
-        if not self._checked_graph:
-            self._check_graph(losses, all_outputs)
-            self._checked_graph = True
+                cot[n] = []
 
         new_window = not (accumulate and self._window_open)
-        if changed and not new_window:
-            raise GradientSplittingError(
-                "The losses that reach the encoders changed within an accumulation window "
-                f"(now {[layout.objectives for layout in self.layouts.values()]}); every accumulated batch "
-                "must return the same named losses."
-            )
-        self._ensure_buffers()
         if new_window:
-            assert self._extra_buffer is not None
-            # One fill for all encoders; parameters an objective does not reach keep a zero gradient.
-            self._extra_buffer.zero_()
-        self._extra_vjps(cot, owner, all_outputs)
+            self.layouts = {}
+        step_layouts = self._assign_objectives(present, names, cot, owner, new_window)
+        self._check_graph(losses, outputs, step_layouts)
+        if encoder_loss is None:
+            self._extra_vjps(step_layouts, cot, owner, outputs)
+            if self.zero_absent:
+                self._add_absent(step_layouts, new_window)
 
         finite = torch.stack([torch.isfinite(losses[n].detach()).all() for n in names])
         if new_window or self.loss_finite is None or names != self.loss_names:
@@ -264,56 +246,63 @@ class GradientSplitter:
         else:
             self.loss_finite = self.loss_finite & finite
 
-        if new_window:
-            # The main objective's buffer is allocated only now, after the extra backward: at that
-            # memory peak (the whole graph retained) it does not exist yet, as .grad does not in a plain
-            # step. The splitter lets go of it when the window closes; .grad keeps it until zero_grad.
-            for layout in self.layouts.values():
-                main = torch.zeros(layout.numel, dtype=layout.params[0].dtype, device=layout.params[0].device)
-                extras = self._extra_views(layout)
-                layout.grads = [extras[0], main, *extras[1:]]
-        # A stale .grad from before the window is replaced, not kept: the buffer starts at zero.
-        self._bind_grads(keep_values=False)
-
         handles: list[RemovableHandle] = []
-        for i, (out, enc) in enumerate(zip(all_outputs, owner, strict=True)):
-            main = cot[self.layouts[enc].objectives[1]][i]
+        for i, (out, enc) in enumerate(zip(outputs, owner, strict=True)):
+            main = cot[encoder_loss or self.layouts[enc].objectives[1]][i]
             replacement = main if main is not None else torch.zeros_like(out)
-            handles.append(out.register_hook(lambda _grad, r=replacement: r))
+            handles.append(out.register_hook(_Replace(replacement)))
         try:
             backward_fn(sum(losses.values()))  # type: ignore[arg-type]
         finally:
             for h in handles:
                 h.remove()
-        # Something may have replaced a .grad (DDP with gradient_as_bucket_view=True): copy it back in.
-        self._bind_grads(keep_values=True)
+        if encoder_loss is not None:
+            self.layouts = {}
+            return self.layouts
+        for layout in self.layouts.values():
+            for p in layout.params:
+                if p.grad is None:  # the main objective does not reach this parameter
+                    p.grad = torch.zeros_like(p)
+            # Read after the backward: DDP may have replaced the .grad tensors with bucket views.
+            layout.grads[1] = [p.grad for p in layout.params]  # type: ignore[misc]
         self._window_open = True
         return self.layouts
 
     def close_window(self) -> None:
         """Mark the end of an accumulation window: the next :meth:`backward` starts from zero."""
         self._window_open = False
-        for layout in self.layouts.values():
-            layout.grads = []
+        self.layouts = {}
 
     # ------------------------------------------------------------------ internals
-    def _validate_losses(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def validate_losses(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Check the named losses (scalar, real floating point, with a graph, the keys required)."""
         if not isinstance(losses, Mapping):
             raise GradientSplittingError(
                 f"Losses must be a mapping of name -> scalar loss tensor, got {type(losses).__name__}."
             )
-        required = [self.multimodal_key, *self.layouts]
-        missing = [k for k in required if k not in losses]
-        if missing:
+        reserved = [k for k in RESERVED_LOSS_KEYS if k in losses]
+        if reserved:
             raise GradientSplittingError(
-                f"Missing loss(es) {missing}: got keys {sorted(losses)}. The multimodal loss must be under "
-                f"{self.multimodal_key!r} and each encoder's unimodal loss under the encoder's name."
+                f"The loss key {reserved[0]!r} is reserved: every named loss is an objective, so a "
+                f"{reserved[0]!r} that sums the others would count them twice. Return only the named "
+                f"losses ({self.multimodal_key!r}, one per encoder, any extra ones); their sum is logged "
+                "as `mmpareto/loss`."
+            )
+        if self.multimodal_key not in losses:
+            raise GradientSplittingError(
+                f"Missing loss {self.multimodal_key!r}: got keys {sorted(losses)}. The multimodal loss must "
+                f"be under {self.multimodal_key!r} and each encoder's unimodal loss under the encoder's name."
             )
         checked: dict[str, Tensor] = {}
         for name, loss in losses.items():
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 what = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
                 raise GradientSplittingError(f"Loss {name!r} must be a scalar tensor, got {what}.")
+            if not loss.is_floating_point():
+                raise GradientSplittingError(
+                    f"Loss {name!r} has dtype {loss.dtype}; a loss must be a real floating-point scalar "
+                    "(integer and complex values have no gradient to integrate)."
+                )
             if not loss.requires_grad:
                 raise GradientSplittingError(
                     f"Loss {name!r} does not require grad: it was computed without gradients or detached."
@@ -321,14 +310,44 @@ class GradientSplitter:
             checked[name] = loss.reshape(())
         return checked
 
+    def _present_encoders(self, losses: Mapping[str, Tensor]) -> list[str]:
+        """Encoders that take part in this step: trainable and called (their output captured)."""
+        present = []
+        for name in self.encoders:
+            trainable = any(p.requires_grad for p in self.encoders[name].parameters())
+            called = bool(self._capture.outputs[name])
+            if trainable and called:
+                present.append(name)
+            elif trainable and name in losses:
+                raise GradientSplittingError(
+                    f"Encoder {name!r} produced no output that requires grad during the forward pass, but "
+                    f"its loss {name!r} is there. Call the encoder module itself (its forward hook captures "
+                    "the output) inside the training step, with gradients enabled (reentrant activation "
+                    "checkpointing of inputs that do not require grad also drops the graph: use "
+                    "checkpoint(..., use_reentrant=False)). For a missing modality, leave the encoder "
+                    "uncalled and its loss out."
+                )
+        return present
+
     def _assign_objectives(
-        self, names: Sequence[str], cot: Mapping[str, list[Tensor | None]], owner: list[str]
-    ) -> bool:
-        """Objectives of every encoder from which losses reach it; returns whether any changed."""
-        changed = False
-        for enc, layout in self.layouts.items():
+        self,
+        present: Sequence[str],
+        names: Sequence[str],
+        cot: Mapping[str, list[Tensor | None]],
+        owner: list[str],
+        new_window: bool,
+    ) -> dict[str, EncoderObjectives]:
+        """This step's layout of every present encoder; they must match the window's earlier steps."""
+        step: dict[str, EncoderObjectives] = {}
+        for enc in present:
             idx = [i for i, o in enumerate(owner) if o == enc]
             reaching = [n for n in names if any(cot[n][i] is not None for i in idx)]
+            if enc not in names:
+                raise GradientSplittingError(
+                    f"Missing loss {enc!r}: encoder {enc!r} was called but no loss is under its name (got "
+                    f"keys {sorted(names)}). Return its unimodal loss under {enc!r}; for a missing modality, "
+                    "do not call the encoder on that batch."
+                )
             for required, role in ((self.multimodal_key, "multimodal"), (enc, "unimodal")):
                 if required not in reaching:
                     raise GradientSplittingError(
@@ -337,96 +356,90 @@ class GradientSplitter:
                         "unimodal loss: a unimodal head on the encoder's features)."
                     )
             others = [n for n in reaching if n not in (self.multimodal_key, enc)]
-            objectives = [self.multimodal_key, enc, *others]
-            if objectives != layout.objectives:
-                layout.objectives = objectives
-                self._extra_buffer = None  # the layout changed: buffers are rebuilt
-                changed = True
-        return changed
-
-    def _ensure_buffers(self) -> None:
-        """Allocate the persistent flat buffer of the extra objectives (again if the layout changed)."""
-        first = next(iter(self.layouts.values())).params[0]
-        if self._extra_buffer is not None and self._extra_buffer.device == first.device:
-            return
-        for layout in self.layouts.values():
-            dtypes = {p.dtype for p in layout.params}
-            if len(dtypes) != 1:
+            layout = EncoderObjectives(enc, self.trainable_params(enc), [self.multimodal_key, enc, *others])
+            earlier = None if new_window else self.layouts.get(enc)
+            if earlier is not None and (
+                earlier.objectives != layout.objectives
+                or [id(p) for p in earlier.params] != [id(p) for p in layout.params]
+            ):
                 raise GradientSplittingError(
-                    f"Encoder {layout.name!r} mixes parameter dtypes {sorted(map(str, dtypes))}; the "
-                    "flat gradient buffers need one dtype per encoder."
+                    f"The losses that reach encoder {enc!r}, or its trainable parameters, changed within an "
+                    f"accumulation window (objectives {earlier.objectives} -> {layout.objectives}); every "
+                    "accumulated batch must return the same named losses, and freezing must happen "
+                    "between optimizer steps."
                 )
-        offset = 0
-        for layout in self.layouts.values():
-            self._extra_offsets[layout.name] = offset
-            offset += layout.numel * (len(layout.objectives) - 1)  # every objective but the main one
-        self._extra_buffer = torch.zeros(offset, dtype=first.dtype, device=first.device)
-
-    def _extra_views(self, layout: EncoderObjectives) -> list[Tensor]:
-        """Flat views of the extra buffer for ``layout``'s objectives 0, 2, 3, ... (not the main one)."""
-        assert self._extra_buffer is not None
-        start = self._extra_offsets[layout.name]
-        return list(
-            self._extra_buffer[start : start + layout.numel * (len(layout.objectives) - 1)].split(
-                layout.numel
-            )
-        )
+            step[enc] = earlier if earlier is not None else layout
+            self.layouts.setdefault(enc, step[enc])
+            self._known_objectives[enc] = layout.objectives
+        return step
 
     def _extra_vjps(
         self,
+        layouts: Mapping[str, EncoderObjectives],
         cot: Mapping[str, list[Tensor | None]],
         owner: list[str],
         outputs: list[Tensor],
     ) -> None:
         # Round r differentiates, for every encoder that has one, its r-th extra objective: all encoders
         # go through a single autograd call, so the paper's setting costs one extra encoder backward.
-        extra_index = {name: [0, *range(2, len(layout.objectives))] for name, layout in self.layouts.items()}
-        rounds = max(len(v) for v in extra_index.values())
+        extra_index = {name: [0, *range(2, len(layout.objectives))] for name, layout in layouts.items()}
+        rounds = max((len(v) for v in extra_index.values()), default=0)
         for r in range(rounds):
             outs, cots, params, targets = [], [], [], []
-            for enc, layout in self.layouts.items():
+            for enc, layout in layouts.items():
                 if r >= len(extra_index[enc]):
                     continue
                 k = extra_index[enc][r]
                 objective = layout.objectives[k]
-                target = self._extra_views(layout)[0 if k == 0 else k - 1]
                 for i, o in enumerate(owner):
                     c = cot[objective][i]
                     if o == enc and c is not None:
                         outs.append(outputs[i])
                         cots.append(c)
                 params.extend(layout.params)
-                targets.extend(target.split(layout.segments))
-            zero = torch.zeros((), dtype=params[0].dtype, device=params[0].device)
-            # Each parameter's gradient is added into its flat view by a hook as soon as autograd has
-            # it, and the hook hands autograd back an expanded zero: the results of autograd.grad hold
-            # no memory, so no second copy of the encoder gradients exists at any point.
-            handles = [
-                p.register_hook(_accumulate_into(view, zero)) for p, view in zip(params, targets, strict=True)
-            ]
-            try:
-                torch.autograd.grad(outs, params, cots, retain_graph=True, allow_unused=True)
-            finally:
-                for handle in handles:
-                    handle.remove()
+                targets.append((layout, k))
+            grads = torch.autograd.grad(
+                outs, params, cots, retain_graph=True, allow_unused=True, materialize_grads=True
+            )
+            start = 0
+            for layout, k in targets:
+                new = list(grads[start : start + len(layout.params)])
+                start += len(layout.params)
+                if not layout.grads:
+                    layout.grads = [[] for _ in layout.objectives]
+                if layout.grads[k]:
+                    torch._foreach_add_(layout.grads[k], new)
+                else:
+                    layout.grads[k] = new
 
-    def _bind_grads(self, keep_values: bool) -> None:
-        """Point each encoder parameter's ``.grad`` at its view of the main objective's flat buffer."""
-        for layout in self.layouts.values():
-            views = layout.grads[1].split(layout.segments)
-            for p, view in zip(layout.params, views, strict=True):
-                if p.grad is None or p.grad.data_ptr() != view.data_ptr():
-                    if keep_values and p.grad is not None:
-                        view.copy_(p.grad.reshape(-1))
-                    p.grad = view.view_as(p)
+    def _add_absent(self, step: dict[str, EncoderObjectives], new_window: bool) -> None:
+        for enc in self.encoders:
+            if enc in step or (enc in self.layouts and not new_window):
+                continue
+            params = self.trainable_params(enc)
+            if not params:
+                continue
+            objectives = self._known_objectives.get(enc, [self.multimodal_key, enc])
+            layout = EncoderObjectives(enc, params, list(objectives))
+            layout.grads = [[torch.zeros_like(p) for p in params] for _ in objectives]
+            for p in params:
+                if p.grad is None:  # DDP writes the other ranks' average into it
+                    p.grad = torch.zeros_like(p)
+            self.layouts[enc] = step[enc] = layout
 
-    def _check_graph(self, losses: Mapping[str, Tensor], outputs: list[Tensor]) -> None:
-        # One walk of the autograd graph on the first step: a loss that reaches encoder parameters other
-        # than through the captured outputs would make the split silently wrong.
-        stops = {o.grad_fn for o in outputs if o.grad_fn is not None}
-        param_owner = {id(p): layout.name for layout in self.layouts.values() for p in layout.params}
+    def _check_graph(
+        self,
+        losses: Mapping[str, Tensor],
+        outputs: list[Tensor],
+        layouts: Mapping[str, EncoderObjectives],
+    ) -> None:
+        # Every step: a loss that reaches encoder parameters other than through the captured outputs
+        # (an L2 term on encoder weights, a head sharing a parameter) would make the split silently
+        # wrong. The walk stops at the outputs' boundary, so it only visits the heads' nodes.
+        stops = {o.grad_fn for o in outputs}
+        param_owner = {id(p): name for name in self.encoders for p in self.trainable_params(name)}
+        seen: set[object] = set()
         for name, loss in losses.items():
-            seen: set[object] = set()
             stack = [loss.grad_fn]
             while stack:
                 node = stack.pop()
@@ -439,18 +452,23 @@ class GradientSplitter:
                         f"Loss {name!r} reaches a parameter of encoder {param_owner[id(variable)]!r} "
                         f"(shape {tuple(variable.shape)}) without passing through the encoder's output, so "
                         "its gradient cannot be split exactly. Compute losses only from the encoders' "
-                        "outputs (no losses on intermediate features or parameters shared with a head)."
+                        "outputs (no losses on intermediate features, no weight penalties on encoder "
+                        "parameters inside a loss: use the optimizer's weight_decay, no parameters shared "
+                        "with a head)."
                     )
                 stack.extend(next_node for next_node, _ in node.next_functions)
-        # Reentrant checkpointing hides the encoder's parameters from the graph (its node only links
-        # to the inputs), so a vector-Jacobian product would silently return no gradient.
-        seen = set()
+        # Once per layout: reentrant checkpointing hides the encoder's parameters from the graph (its
+        # node only links to the inputs), so a vector-Jacobian product would silently return no gradient.
+        signature = tuple((n, tuple(id(p) for p in layout.params)) for n, layout in layouts.items())
+        if signature in self._checked:
+            return
+        walked: set[object] = set()
         stack = [o.grad_fn for o in outputs]
         while stack:
             node = stack.pop()
-            if node is None or node in seen:
+            if node is None or node in walked:
                 continue
-            seen.add(node)
+            walked.add(node)
             if type(node).__name__ == "CheckpointFunctionBackward":
                 raise GradientSplittingError(
                     "Reentrant activation checkpointing inside an encoder hides its parameters from "
@@ -458,3 +476,14 @@ class GradientSplitter:
                     "torch.utils.checkpoint.checkpoint(..., use_reentrant=False)."
                 )
             stack.extend(next_node for next_node, _ in node.next_functions)
+        self._checked.add(signature)
+
+
+class _Replace:
+    """Tensor hook: hand autograd a fixed gradient instead of the incoming one."""
+
+    def __init__(self, replacement: Tensor) -> None:
+        self.replacement = replacement
+
+    def __call__(self, grad: Tensor) -> Tensor:
+        return self.replacement

@@ -274,3 +274,26 @@ def test_cumulative_counts_are_monitorable_on_every_step() -> None:
         assert {"mmpareto/audio/conflicts_total", "mmpareto/visual/stationary_total"} <= keys
     # Step values are written only on logging steps.
     assert not any("mmpareto/audio/cos_beta_step" in keys for keys in seen)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "gamma"), [("uniform", None), ("uniform", 1.5), ("multimodal_only", None)]
+)
+def test_baselines_without_diagnostics_give_the_same_update(strategy: str, gamma) -> None:
+    results = []
+    for diagnostics in (True, False):
+        torch.manual_seed(0)
+        model = MultiModalNet(n=2, extra_loss=True, momentum=0.9)
+        callback = MMParetoCallback(strategy=strategy, gamma=gamma, diagnostics=diagnostics)
+        trainer = pl.Trainer(max_steps=3, callbacks=[callback], **trainer_kwargs())
+        trainer.fit(model, make_loader(2, size=64))
+        results.append([p.detach().clone() for p in model.parameters()])
+        logged = set(trainer.callback_metrics)
+        assert ("mmpareto/audio/cos_beta_step" in logged) == diagnostics
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_diagnostics_off_is_refused_for_the_rule_strategies() -> None:
+    with pytest.raises(MisconfigurationException, match="needs it"):
+        MMParetoCallback(strategy="mmpareto", diagnostics=False)

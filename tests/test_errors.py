@@ -45,14 +45,13 @@ class Returning(MultiModalNet):
         ),
         (lambda m, losses: {k: v for k, v in losses.items() if k != "visual"}, r"Missing loss.*'visual'"),
         (lambda m, losses: sum(losses.values()), "must return a dict of named scalar losses.*Tensor"),
-        (lambda m, losses: None, "must return a dict of named scalar losses.*NoneType"),
         (lambda m, losses: {**losses, "audio": losses["audio"].detach()}, "'audio' does not require grad"),
         (
             lambda m, losses: {**losses, "extra": torch.ones(2, requires_grad=True)},
             "'extra' must be a scalar",
         ),
     ],
-    ids=["no-multimodal", "no-unimodal", "bare-tensor", "none", "detached", "non-scalar"],
+    ids=["no-multimodal", "no-unimodal", "bare-tensor", "detached", "non-scalar"],
 )
 def test_bad_training_step_output(fn, match) -> None:
     with pytest.raises(MisconfigurationException, match=match):
@@ -185,16 +184,6 @@ class TwoOptimizers(MultiModalNet):
 def test_several_optimizers() -> None:
     with pytest.raises(MisconfigurationException, match=r"exactly one optimizer.*returned 2"):
         _fit(TwoOptimizers())
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [({"gradient_clip_val": 1.0}, "gradient clipping"), ({"accumulate_grad_batches": 2}, "accumulate")],
-)
-def test_trainer_clipping_and_accumulation_are_rejected(kwargs, match) -> None:
-    # Lightning itself refuses both in manual optimization; the callback offers them instead.
-    with pytest.raises(MisconfigurationException, match=f"(?i){match}"):
-        _fit(MultiModalNet(), **kwargs)
 
 
 @pytest.mark.parametrize(
