@@ -179,6 +179,23 @@ def plot_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _describe(settings: dict[str, Any]) -> str:
+    """``strategy=..., rescale=..., gamma=...`` of a run's ``mmpareto:`` section, gamma as applied."""
+    from mmpareto_lightning.rule import RuleConfig
+
+    text = f"strategy={settings.get('strategy', 'mmpareto')}, rescale={settings.get('rescale', 'per_tensor')}"
+    try:
+        rule = RuleConfig(
+            strategy=settings.get("strategy", "mmpareto"),
+            rescale=settings.get("rescale", "per_tensor"),
+            gamma=settings.get("gamma"),
+        )
+    except (TypeError, ValueError):  # a title decoration: an odd config must not stop the plot
+        return text
+    default = " (default)" if settings.get("gamma") is None else ""
+    return f"{text}, gamma={rule.effective_gamma:g}{default}"
+
+
 def plot_main(argv: Sequence[str]) -> Path:
     """``mmpareto-lightning plot``: draw one run's training dynamics. Returns the PNG's path."""
     from mmpareto_lightning.logs import encoder_dynamics, find_runs, read_run_config, read_scalars
@@ -200,11 +217,10 @@ def plot_main(argv: Sequence[str]) -> Path:
             f"mmpareto-lightning plot: {run} has no step-level MMPareto metrics "
             "(mmpareto/<encoder>/cos_beta_step): was it trained with MMParetoCallback(log_on_step=True)?"
         )
-    settings = read_run_config(run)
     title = str(run)
+    settings = read_run_config(run)  # the mmpareto: section LightningCLI saved with the run
     if settings:
-        shown = {k: settings.get(k) for k in ("strategy", "rescale", "gamma")}
-        title += "\n" + ", ".join(f"{k}={'default' if v is None else v}" for k, v in shown.items())
+        title += "\n" + _describe(settings)
     output = args.output or run / "training_dynamics.png"
     plot_dynamics({"this run": [dynamics]}, output, title=title, window=args.window)
     print(f"wrote {output}")

@@ -382,6 +382,7 @@ def run_compare(
         f"Config: `{plan.config_path}`; seeds: {', '.join(map(str, plan.seeds))}; max_epochs: {epochs}; "
         "test metrics of the final weights (no checkpoint selection).",
         *plan.notes,
+        *([f"mmpareto: arguments of every run: {plan.callback_args}."] if plan.callback_args else []),
         f"Machine: {machine()}; torch threads: {num_threads or threads_before}.",
         f"Wall time: {seconds / 60:.1f} min for {len(runs)} runs.",
     ]

@@ -131,7 +131,9 @@ def plot_dynamics(
                 if a_steps:
                     a_color = colors[j % len(colors)] if detailed else color
                     a_label = rf"$\alpha$ {name}" if detailed else label
-                    ax[2].plot(a_steps, alpha, color=a_color, linewidth=1.0, label=a_label)
+                    # Without conflict every alpha is 1/K: the line styles keep overlapping curves visible.
+                    style = ("-", "--", ":", "-.")[j % 4] if detailed else "-"
+                    ax[2].plot(a_steps, alpha, color=a_color, linestyle=style, linewidth=1.2, label=a_label)
             r_steps, rescale = _curve(runs, enc, lambda d: d.rescale)
             if r_steps:
                 ax[3].plot(r_steps, rescale, color=color, linewidth=1.0, label=label)
