@@ -271,9 +271,9 @@ def _plan(
     if strategies is None:
         chosen = list(DEFAULT_STRATEGIES)
         gamma = args["uniform_gamma"]["gamma"]
-        uniform_gamma = {**(base.get(MMPARETO_KEY) or {}), **(callback_args or {})}.get("gamma") or 1.0
+        uniforms_own = {**(base.get(MMPARETO_KEY) or {}), **(callback_args or {})}.get("gamma") or 1.0
         # With the same gamma the control is the uniform baseline itself: running it again only costs time.
-        if math.isclose(gamma, uniform_gamma):
+        if math.isclose(gamma, uniforms_own):
             chosen.remove("uniform_gamma")
             notes.append(
                 f"uniform \u00d7gamma left out: MMPareto's gamma ({gamma:g}) is the uniform baseline's."

@@ -91,6 +91,18 @@ def test_the_step_size_control_is_uniform_with_mmparetos_gamma(tmp_path):
     assert cb.log_on_step is True
 
 
+def test_the_control_is_left_out_by_default_when_mmpareto_has_gamma_one():
+    from mmpareto_lightning.compare import _plan
+
+    default = _plan(None, None, [0], None, False, None, None, None)
+    assert default.strategies == list(STRATEGY_LABELS)
+    assert default.labels["uniform_gamma"] == "uniform \u00d71.5"
+    paper = _plan(None, None, [0], None, False, None, {"rescale": "per_encoder"}, None)
+    assert "uniform_gamma" not in paper.strategies and "left out" in paper.notes[0]
+    asked = _plan(None, ["uniform_gamma"], [0], None, False, None, {"rescale": "per_encoder"}, None)
+    assert asked.strategies == ["uniform_gamma"] and asked.labels["uniform_gamma"] == "uniform \u00d71"
+
+
 def test_make_run_config_sets_strategy_seed_and_logger(tmp_path):
     base = yaml.safe_load((CONFIG_DIR / "cremad.yaml").read_text())
     cfg = make_run_config(
