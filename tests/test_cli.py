@@ -1,7 +1,12 @@
-"""The ``mmpareto-lightning`` LightningCLI: shipped configs, YAML-only callback setup, sub-commands."""
+"""The ``mmpareto-lightning`` LightningCLI: shipped configs, the ``mmpareto:`` section, sub-commands.
+
+The tests that are about the command line a user types run the installed console script in a temporary
+folder holding the user's own model module and YAML (``tests/_user_project.py``).
+"""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +18,14 @@ import yaml
 pytest.importorskip("jsonargparse")
 pytest.importorskip("sklearn")
 
+from _user_project import console_script, run_in, write_user_project
 from mmpareto_examples import CONFIG_DIR
 from mmpareto_examples.fake_data import write_fake_av_dataset
 from mmpareto_examples.models import AVClassifier, CGDigitsClassifier
 
 from mmpareto_lightning import MMParetoCallback
 from mmpareto_lightning.cli import build_cli, main
+from mmpareto_lightning.logs import encoder_dynamics, read_metrics_csv
 
 REPO = Path(__file__).resolve().parent.parent
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -103,19 +110,14 @@ def test_callback_configured_only_from_yaml(tmp_path):
             "enable_checkpointing": False,
             "enable_progress_bar": False,
             "default_root_dir": str(tmp_path),
-            "callbacks": [
-                {
-                    "class_path": "mmpareto_lightning.MMParetoCallback",
-                    "init_args": {
-                        "strategy": "pareto",
-                        "rescale": "per_encoder",
-                        "gamma": 2.0,
-                        "gradient_clip_val": 0.5,
-                        "gradient_clip_algorithm": "value",
-                        "accumulate_grad_batches": 2,
-                    },
-                }
-            ],
+        },
+        "mmpareto": {
+            "strategy": "pareto",
+            "rescale": "per_encoder",
+            "gamma": 2.0,
+            "gradient_clip_val": 0.5,
+            "gradient_clip_algorithm": "value",
+            "accumulate_grad_batches": 2,
         },
         "model": {
             "class_path": "mmpareto_examples.models.CGDigitsClassifier",
@@ -137,13 +139,17 @@ def test_callback_configured_only_from_yaml(tmp_path):
     assert cli.model.encoders["gray"].feature_dim == 16
 
 
-def test_callback_options_from_the_command_line(tmp_path):
+def test_callback_options_from_the_command_line_with_other_callbacks(tmp_path):
+    # The issue's case: another callback after MMPareto's used to swallow the strategy switch.
     cli = build_cli(
         [
             "--config",
             str(CONFIG_DIR / "cg_digits.yaml"),
-            "--trainer.callbacks.init_args.strategy=uniform",
-            "--trainer.callbacks.init_args.gamma=1.25",
+            "--trainer.callbacks+=EarlyStopping",
+            "--trainer.callbacks.monitor=val/acc",
+            "--trainer.callbacks+=LearningRateMonitor",
+            "--mmpareto.strategy=uniform",
+            "--mmpareto.gamma=1.25",
             f"--trainer.default_root_dir={tmp_path}",
         ],
         run=False,
@@ -151,6 +157,78 @@ def test_callback_options_from_the_command_line(tmp_path):
     cb = _mmpareto_callback(cli.trainer)
     assert cb.rule.strategy == "uniform" and cb.rule.gamma == 1.25
     assert cb.rule.rescale == "per_tensor"  # untouched values keep the config's
+    names = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert "EarlyStopping" in names and "LearningRateMonitor" in names
+
+
+def test_every_callback_argument_is_a_mmpareto_option(capsys):
+    import inspect
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    for name in inspect.signature(MMParetoCallback.__init__).parameters:
+        if name != "self":
+            assert f"--mmpareto.{name} " in out, name
+
+
+def test_callback_listed_under_trainer_callbacks_is_refused_with_the_fix(tmp_path, capsys):
+    config = yaml.safe_load((CONFIG_DIR / "cg_digits.yaml").read_text())
+    config.pop("mmpareto")
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.EarlyStopping", "init_args": {"monitor": "val/acc"}},
+        {"class_path": "mmpareto_lightning.MMParetoCallback", "init_args": {"strategy": "pareto"}},
+    ]
+    path = tmp_path / "old_style.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exc:
+        build_cli(["fit", "--config", str(path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "is listed under trainer.callbacks" in err
+    assert "mmpareto:" in err and "--mmpareto.strategy=pareto" in err
+
+
+@pytest.mark.slow
+def test_console_script_in_a_users_folder_switches_strategy_and_plots(tmp_path):
+    """Items 1-3 of the issue as a user meets them: their module, their YAML, another callback."""
+    script = console_script()
+    write_user_project(tmp_path)
+    fit = run_in(tmp_path, script, "fit", "--config", "my.yaml", "--mmpareto.strategy=pareto")
+    assert fit.returncode == 0, fit.stderr[-3000:]  # `mymodels` was found in the working directory
+    assert "mmpareto-lightning plot" in fit.stdout + fit.stderr  # the hint at the end of fit
+    (run,) = (tmp_path / "runs" / "lightning_logs").iterdir()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["mmpareto"]["strategy"] == "pareto"  # the run records its strategy
+    assert [c["class_path"].split(".")[-1] for c in saved["trainer"]["callbacks"]] == ["EarlyStopping"]
+    alphas = encoder_dynamics(read_metrics_csv(run / "metrics.csv"))["a"].alphas["multimodal"]
+    # Conventional Pareto weighs by min-norm on every step: not the 1/2 of a plain sum.
+    assert alphas and all(a != 0.5 for a in alphas)
+
+    plot = run_in(tmp_path, script, "plot", "runs", "--output", "dyn.png")
+    assert plot.returncode == 0, plot.stderr[-3000:]
+    assert (tmp_path / "dyn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _readme_block(heading: str) -> str:
+    text = (REPO / "examples" / "README.md").read_text()
+    match = re.search(re.escape(heading) + r".*?```python\n(.*?)```", text, re.S)
+    assert match is not None, f"examples/README.md has no python block under {heading!r}"
+    return match.group(1)
+
+
+@pytest.mark.slow
+def test_your_own_lightning_cli_script_from_the_docs(tmp_path):
+    write_user_project(tmp_path)
+    (tmp_path / "train.py").write_text(_readme_block("### MMPareto in your own LightningCLI script"))
+    out = run_in(
+        tmp_path, sys.executable, "train.py", "fit", "--config", "my.yaml", "--mmpareto.strategy=uniform",
+        "--trainer.max_epochs=1",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = (tmp_path / "runs" / "lightning_logs").iterdir()
+    assert yaml.safe_load((run / "config.yaml").read_text())["mmpareto"]["strategy"] == "uniform"
+    assert "mmpareto/a/cos_beta_step" in (run / "metrics.csv").read_text().splitlines()[0]
 
 
 # Evaluating without a logger moves the restored checkpoint callback's directory; harmless here.

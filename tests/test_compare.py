@@ -1,32 +1,35 @@
-"""``mmpareto-lightning compare``: the table, the CSVs and the figure on a tiny budget, plus its helpers."""
+"""``mmpareto-lightning compare``: the runs, the tables and the statistics on tiny budgets."""
 
 from __future__ import annotations
 
 import csv
 import math
+import statistics
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytest.importorskip("jsonargparse")
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
+from _user_project import console_script, run_in, write_user_project
 from mmpareto_examples import CONFIG_DIR
 
-from mmpareto_lightning.cli import main
-from mmpareto_lightning.compare import (
-    STRATEGY_LABELS,
-    RunResult,
-    make_run_config,
-    markdown_table,
-    plot_dynamics,
-    read_step_metrics,
-    run_compare,
-    summarize,
+from mmpareto_lightning import MMParetoCallback
+from mmpareto_lightning.cli import build_cli, main
+from mmpareto_lightning.compare import STRATEGY_LABELS, make_run_config, run_compare, strategy_args
+from mmpareto_lightning.summary import (
+    Column,
+    markdown_differences,
+    markdown_summary,
+    paired_difference,
+    t_quantile_975,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--max-epochs", "1", "--limit-train-batches", "4", "--limit-val-batches", "1"]
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -36,65 +39,98 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-def test_compare_tiny_budget_writes_table_csv_and_figure(tmp_path, capsys):
+def test_compare_defaults_on_a_tiny_budget(tmp_path, capsys):
     out = tmp_path / "cmp"
-    main(
-        [
-            "compare",
-            "--output-dir",
-            str(out),
-            "--seeds",
-            "0",
-            "1",
-            "--max-epochs",
-            "1",
-            "--limit-train-batches",
-            "4",
-            "--limit-val-batches",
-            "1",
-            "--limit-test-batches",
-            "2",
-            "--no-progress",
-        ]
-    )
+    main(["compare", "--output-dir", str(out), "--seeds", "0", "1", *TINY, "--limit-test-batches", "2"])
     printed = capsys.readouterr().out
     md = (out / "results.md").read_text()
-    for label in STRATEGY_LABELS.values():
+    labels = ["one joint loss", "uniform", "uniform \u00d71.5", "conventional Pareto", "MMPareto"]
+    for label in labels:
         assert f"| {label} |" in md and f"| {label} |" in printed
-    assert "Acc gray head (%)" in md and "Conflict rate color (% steps)" in md
-    assert "seeds: 0, 1" in md and "Machine:" in md and "Wall time:" in md
-
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["strategy"] for r in rows] == list(STRATEGY_LABELS)
-    for r in rows:
-        assert r["seeds"] == "0 1"
-        for key in ("acc_mean", "macro_f1_mean", "acc_gray_mean", "acc_color_mean"):
-            assert 0.0 <= float(r[key]) <= 1.0
-        assert float(r["acc_std"]) >= 0.0
-        for enc in ("gray", "color"):
-            assert 0.0 <= float(r[f"conflict_rate_{enc}_mean"]) <= 1.0
+    for label in labels[:-1]:  # MMPareto minus each other strategy, with a t interval over 2 seeds
+        assert f"| MMPareto \u2212 {label} | " in md
+    assert "Acc gray head (%)" in md and "Conflict rate color (%)" in md and "Acc (pp)" in md
+    assert "seeds: 0, 1" in md and "Machine:" in md and "Wall time:" in md and "| n/a" not in md
 
     with open(out / "runs.csv") as f:
         runs = list(csv.DictReader(f))
-    assert len(runs) == 8
     assert {(r["strategy"], r["seed"]) for r in runs} == {(s, k) for s in STRATEGY_LABELS for k in ("0", "1")}
-    for r in runs:
-        steps = read_step_metrics(Path(r["log_dir"]) / "metrics.csv")
-        assert set(steps) == {"gray", "color"}
-        assert steps["gray"][0] == [0, 1, 2, 3]  # every optimizer step logged
-        assert all(-1.0 <= c <= 1.0 for c in steps["gray"][1])
-        assert set(steps["color"][2]) <= {0.0, 1.0}
-        rate = sum(steps["color"][2]) / 4
-        assert float(r["conflict_rate_color"]) == pytest.approx(rate)
-    # Each strategy's mean in results.csv is the mean of its runs.
-    for r in rows:
-        accs = [float(x["acc"]) for x in runs if x["strategy"] == r["strategy"]]
-        assert float(r["acc_mean"]) == pytest.approx(sum(accs) / 2, abs=1e-6)
-
+    with open(out / "results.csv") as f:
+        rows = {r["strategy"]: r for r in csv.DictReader(f)}
+    assert list(rows) == list(STRATEGY_LABELS)
+    for strategy, row in rows.items():
+        accs = [float(r["test/acc"]) for r in runs if r["strategy"] == strategy]
+        assert float(row["test/acc_mean"]) == pytest.approx(statistics.fmean(accs))
+        assert float(row["test/acc_std"]) == pytest.approx(statistics.stdev(accs))
+        for enc in ("gray", "color"):
+            assert 0.0 <= float(row[f"conflict_rate/{enc}_mean"]) <= 1.0
+    with open(out / "differences.csv") as f:
+        diffs = {r["strategy"]: r for r in csv.DictReader(f)}
+    for strategy in ("uniform", "uniform_gamma"):
+        per_seed = {
+            k: {r["strategy"]: float(r["test/acc"]) for r in runs if r["seed"] == k} for k in ("0", "1")
+        }
+        expected = statistics.fmean(v["mmpareto"] - v[strategy] for v in per_seed.values())
+        assert float(diffs[strategy]["test/acc_diff"]) == pytest.approx(expected)
+        assert diffs[strategy]["test/acc_n"] == "2"
     width, height = _png_size(out / "training_dynamics.png")
-    assert width > 600 and height > 400
-    assert (out / "training_dynamics.png").stat().st_size > 20_000
+    assert width > 600 and height > 600
+
+
+def test_the_step_size_control_is_uniform_with_mmparetos_gamma(tmp_path):
+    base = yaml.safe_load((CONFIG_DIR / "cg_digits.yaml").read_text())
+    args = strategy_args(base)
+    assert args["uniform_gamma"] == {"strategy": "uniform", "gamma": 1.5}
+    assert strategy_args(base, {"rescale": "per_encoder"})["uniform_gamma"]["gamma"] == 1.0
+    assert strategy_args(base, {"gamma": 2.0})["uniform_gamma"]["gamma"] == 2.0
+    # The run's config really builds a uniform callback scaled by 1.5 (the rule's effective gamma).
+    config = make_run_config(base, args["uniform_gamma"], 3, tmp_path, "uniform_gamma")
+    cli = build_cli(config, run=False, save_config_callback=None)
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, MMParetoCallback)]
+    assert cb.rule.strategy == "uniform" and cb.rule.effective_gamma == 1.5
+    assert cb.log_on_step is True
+
+
+def test_the_control_is_left_out_by_default_when_mmpareto_has_gamma_one():
+    from mmpareto_lightning.compare import _plan
+
+    default = _plan(None, None, [0], None, False, None, None, None)
+    assert default.strategies == list(STRATEGY_LABELS)
+    assert default.labels["uniform_gamma"] == "uniform \u00d71.5"
+    paper = _plan(None, None, [0], None, False, None, {"rescale": "per_encoder"}, None)
+    assert "uniform_gamma" not in paper.strategies and "left out" in paper.notes[0]
+    asked = _plan(None, ["uniform_gamma"], [0], None, False, None, {"rescale": "per_encoder"}, None)
+    assert asked.strategies == ["uniform_gamma"] and asked.labels["uniform_gamma"] == "uniform \u00d71"
+
+
+def test_make_run_config_sets_strategy_seed_and_logger(tmp_path):
+    base = yaml.safe_load((CONFIG_DIR / "cremad.yaml").read_text())
+    cfg = make_run_config(
+        base, {"strategy": "pareto"}, 7, tmp_path, "pareto", {"rescale": "per_encoder"}, {"max_epochs": 2}
+    )
+    assert cfg["seed_everything"] == 7
+    assert cfg["trainer"]["callbacks"] == []  # checkpointing dropped: test metrics of the final weights
+    assert cfg["mmpareto"]["strategy"] == "pareto" and cfg["mmpareto"]["rescale"] == "per_encoder"
+    assert cfg["mmpareto"]["log_on_step"] is True
+    assert cfg["trainer"]["max_epochs"] == 2 and cfg["trainer"]["log_every_n_steps"] == 1
+    assert cfg["trainer"]["logger"]["init_args"] == {
+        "save_dir": str(tmp_path),
+        "name": "pareto",
+        "version": "seed_7",
+    }
+    assert base["mmpareto"]["strategy"] == "mmpareto"  # base untouched
+    bare = make_run_config({"trainer": {}}, {"strategy": "uniform"}, 0, tmp_path, "uniform")
+    assert bare["mmpareto"]["strategy"] == "uniform"
+
+
+def test_a_config_listing_the_callback_fails_before_any_run(tmp_path):
+    base = yaml.safe_load((CONFIG_DIR / "cg_digits.yaml").read_text())
+    base["trainer"]["callbacks"] = [{"class_path": "mmpareto_lightning.MMParetoCallback"}]
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(base))
+    with pytest.raises(ValueError, match="mmpareto:"):
+        run_compare(config=path, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out" / "runs").exists()
 
 
 def test_run_compare_validates_strategies(tmp_path):
@@ -102,66 +138,62 @@ def test_run_compare_validates_strategies(tmp_path):
         run_compare(strategies=["mmpareto", "pcgrad"], output_dir=tmp_path)
 
 
-def test_make_run_config_sets_strategy_seed_and_logger(tmp_path):
-    import yaml
+@pytest.mark.slow
+def test_compare_on_a_users_model_with_its_own_metrics_and_one_seed(tmp_path):
+    """Item 4 via the console script: --metrics, the warning on an empty column, no spread for one seed."""
+    script = console_script()
+    write_user_project(tmp_path)
+    common = ["compare", "--config", "my.yaml", "--seeds", "0", *TINY, "--no-progress"]
+    common += ["--strategies", "uniform", "uniform_gamma", "mmpareto", "--set", "trainer.max_epochs=1"]
+    out = run_in(tmp_path, script, *common, "--metrics", "test_accuracy", "test/acc", "--output-dir", "cmp")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "no run logged test/acc" in out.stderr and "test_accuracy" in out.stderr  # what it did log
+    md = (tmp_path / "cmp" / "results.md").read_text()
+    assert "| Strategy | test_accuracy (%) | Acc (%) | Conflict rate a (%) | Conflict rate b (%) |" in md
+    assert "Empty columns (no run logged them): test/acc." in md
+    tables = [line for line in md.splitlines() if line.startswith("|")]
+    assert not any("\u00b1" in t or "[" in t for t in tables)  # one seed: no spread, no interval
+    assert "| MMPareto \u2212 uniform \u00d71.5 | " in md
+    row = next(line for line in md.splitlines() if line.startswith("| uniform |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "n/a" and float(cells[1]) >= 0.0
 
-    base = yaml.safe_load((CONFIG_DIR / "cremad.yaml").read_text())
-    cfg = make_run_config(base, "pareto", 7, tmp_path, {"rescale": "per_encoder"}, {"max_epochs": 2})
-    assert cfg["seed_everything"] == 7
-    callbacks = cfg["trainer"]["callbacks"]
-    assert [c["class_path"].split(".")[-1] for c in callbacks] == [
-        "MMParetoCallback"
-    ]  # checkpointing dropped
-    args = callbacks[0]["init_args"]
-    assert args["strategy"] == "pareto" and args["rescale"] == "per_encoder" and args["log_on_step"] is True
-    assert cfg["trainer"]["max_epochs"] == 2 and cfg["trainer"]["log_every_n_steps"] == 1
-    assert cfg["trainer"]["logger"]["init_args"] == {
-        "save_dir": str(tmp_path),
-        "name": "pareto",
-        "version": "seed_7",
+
+def test_t_quantiles():
+    assert t_quantile_975(1) == 12.7062 and t_quantile_975(2) == 4.3027 and t_quantile_975(30) == 2.0423
+    assert t_quantile_975(10_000) == pytest.approx(1.96, abs=1e-3)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 7, 30, 31, 45, 120, 1000):
+        assert t_quantile_975(df) == pytest.approx(float(scipy_stats.t.ppf(0.975, df)), abs=6e-5)
+
+
+def test_paired_difference_interval():
+    d = paired_difference({0: 0.8, 1: 0.9, 2: 0.7}, {0: 0.7, 1: 0.7, 2: 0.7, 3: 0.1})  # seed 3 unpaired
+    diffs = [0.1, 0.2, 0.0]
+    half = 4.3027 * statistics.stdev(diffs) / math.sqrt(3)
+    assert d.n == 3 and d.mean == pytest.approx(0.1)
+    assert (d.low, d.high) == (pytest.approx(0.1 - half), pytest.approx(0.1 + half))
+    assert not d.beyond_noise
+    assert paired_difference({0: 0.9, 1: 0.8}, {0: 0.5, 1: 0.45}).beyond_noise
+    one = paired_difference({0: 0.9}, {0: 0.5})
+    assert (one.n, one.low, one.high) == (1, None, None) and one.mean == pytest.approx(0.4)
+    assert paired_difference({0: 0.9}, {1: 0.5}) is None
+
+
+def test_markdown_tables():
+    results = {
+        "uniform": {0: {"acc": 0.8, "loss": 1.5}, 1: {"acc": 0.9, "loss": 1.25}},
+        "mmpareto": {0: {"acc": 0.9, "loss": 1.0}, 1: {"acc": 0.95, "loss": 1.0}},
+        "pareto": {0: {"acc": 0.7}},
     }
-    assert base["trainer"]["callbacks"][0]["init_args"]["strategy"] == "mmpareto"  # base untouched
-    # A config without the callback gets one.
-    bare = make_run_config({"trainer": {}}, "uniform", 0, tmp_path)
-    assert bare["trainer"]["callbacks"][0]["init_args"]["strategy"] == "uniform"
-
-
-def test_read_step_metrics_skips_epoch_rows(tmp_path):
-    path = tmp_path / "metrics.csv"
-    path.write_text(
-        "epoch,mmpareto/a/conflicts_step,mmpareto/a/cos_beta_step,mmpareto/a/cos_beta_epoch,step,val/acc\n"
-        "0,0.0,0.5,,0,\n"
-        "0,1.0,-0.25,,1,\n"
-        "0,,,0.125,1,\n"
-        "0,,,,1,0.9\n"
-        "1,1.0,-0.5,,2,\n"
-    )
-    assert read_step_metrics(path) == {"a": ([0, 1, 2], [0.5, -0.25, -0.5], [0.0, 1.0, 1.0])}
-
-
-def _run(strategy: str, seed: int, acc: float, rate: float) -> RunResult:
-    steps = {"gray": ([0, 1, 2, 3], [0.5, -0.1, 0.2, 0.3], [0.0, 1.0, 0.0, 0.0])}
-    metrics = {"acc": acc, "macro_f1": acc - 0.01, "acc_gray": 0.5, "acc_color": 0.25}
-    return RunResult(strategy, seed, metrics, {"gray": rate}, steps, Path("."), 1.0)
-
-
-def test_summary_and_markdown_mean_and_std():
-    runs = [_run("uniform", 0, 0.8, 0.25), _run("uniform", 1, 0.9, 0.25), _run("mmpareto", 0, 0.7, 0.5)]
-    rows = summarize(runs, ["multimodal_only", "uniform", "mmpareto"])
-    assert [r["strategy"] for r in rows] == ["uniform", "mmpareto"]  # strategies without runs are left out
-    assert rows[0]["acc_mean"] == pytest.approx(0.85)
-    assert rows[0]["acc_std"] == pytest.approx(math.sqrt(0.005))  # sample std of 0.8, 0.9
-    assert rows[1]["acc_std"] == 0.0
-    table = markdown_table(rows, runs).splitlines()
-    assert table[0].startswith("| Strategy | Acc (%) | Macro-F1 (%) | Acc gray head (%) | Acc color head (%)")
-    assert (
-        table[2] == "| uniform | 85.00 ± 7.07 | 84.00 ± 7.07 | 50.00 ± 0.00 | 25.00 ± 0.00 | 25.00 ± 0.00 |"
-    )
-    assert table[3].startswith("| MMPareto | 70.00 ± 0.00 |")
-
-
-def test_plot_dynamics_writes_a_png(tmp_path):
-    runs = [_run("uniform", 0, 0.8, 0.25), _run("mmpareto", 0, 0.7, 0.5)]
-    path = plot_dynamics(runs, ["uniform", "mmpareto"], tmp_path / "fig.png")
-    width, height = _png_size(path)
-    assert width > 400 and height > 400
+    labels = {"uniform": "uniform", "mmpareto": "MMPareto", "pareto": "Pareto"}
+    columns = [Column("acc", "Acc"), Column("loss", "Loss", percent=False)]
+    lines = markdown_summary(results, labels, columns).splitlines()
+    assert lines[0] == "| Strategy | Acc (%) | Loss |"
+    assert lines[2] == "| uniform | 85.00 ± 7.07 | 1.3750 ± 0.1768 |"
+    assert lines[4] == "| Pareto | 70.00 | n/a |"  # one seed: no spread; never logged: n/a
+    diff = markdown_differences(results, "mmpareto", labels, columns).splitlines()
+    assert diff[0] == "| Difference | Acc (pp) | Loss |"
+    # Per seed +10 and +5 points: mean +7.5, t(1) = 12.7062, sd 3.536 -> +-31.77.
+    assert diff[2] == "| MMPareto \u2212 uniform | +7.50 [-24.27, +39.27] | -0.3750 [-1.9633, +1.2133] |"
+    assert diff[3] == "| MMPareto \u2212 Pareto | +20.00 | n/a |"

@@ -1,0 +1,128 @@
+"""``mmpareto-lightning plot``: reading CSVLogger and TensorBoard logs, the figure, the clear failures."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from _models import MultiModalNet, make_loader, trainer_kwargs
+
+from mmpareto_lightning import MMParetoCallback
+from mmpareto_lightning.cli import main
+from mmpareto_lightning.logs import (
+    encoder_dynamics,
+    find_runs,
+    read_metrics_csv,
+    read_scalars,
+    read_tensorboard,
+)
+from mmpareto_lightning.plotting import plot_dynamics, rolling_mean
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+CSV = (
+    "epoch,mmpareto/a/alpha_align_step,mmpareto/a/alpha_multimodal_step,mmpareto/a/alpha_unimodal_step,"
+    "mmpareto/a/conflicts_step,mmpareto/a/cos_beta_epoch,mmpareto/a/cos_beta_step,mmpareto/a/rescale_step,"
+    "mmpareto/a/stationary_step,mmpareto/a/stationary_total,step,val/acc\n"
+    "0,0.3333,0.3333,0.3334,0,,0.5,1.0,0,0,0,\n"
+    "0,0.2,0.5,0.3,1,,-0.25,1.5,1,1,5,\n"
+    "0,,,,,0.125,,,,,5,\n"
+    "0,,,,,,,,,,5,0.9\n"
+    "1,0.1,0.6,0.3,1,,-0.5,2.0,0,3,10,\n"
+)
+
+
+def test_read_metrics_csv_and_encoder_dynamics(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text(CSV)
+    scalars = read_metrics_csv(path)
+    assert scalars["val/acc"] == {5: 0.9} and scalars["mmpareto/a/cos_beta_epoch"] == {5: 0.125}
+    (enc, dyn), *rest = encoder_dynamics(scalars).items()
+    assert enc == "a" and not rest
+    assert dyn.steps == [0, 5, 10] and dyn.cos_beta == [0.5, -0.25, -0.5]
+    assert list(dyn.alphas) == ["multimodal", "unimodal", "align"]  # the rule's objective order
+    assert dyn.alphas["align"] == [0.3333, 0.2, 0.1] and dyn.rescale == [1.0, 1.5, 2.0]
+    assert dyn.conflict_rate() == pytest.approx(2 / 3)
+    # stationary_total counts the steps between logging steps too: two more events by step 10.
+    assert dyn.stationary_events() == [5, 10] and dyn.cumulative_stationary() == [0, 1, 3]
+
+
+def test_rolling_mean_skips_nan():
+    assert rolling_mean([1.0, math.nan, 3.0, 5.0], 2) == [1.0, 1.0, 3.0, 4.0]
+
+
+def _fit(tmp_path: Path, loggers: list, steps: int = 6) -> None:
+    import lightning.pytorch as pl
+
+    kwargs = trainer_kwargs(max_steps=steps, logger=loggers, log_every_n_steps=2)
+    trainer = pl.Trainer(callbacks=[MMParetoCallback()], **kwargs)
+    trainer.fit(MultiModalNet(n=2, extra_loss=True), make_loader())
+
+
+def test_tensorboard_and_csv_logs_give_the_same_dynamics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    csv_logger = CSVLogger(tmp_path / "csv", name="", version="run")
+    tb_logger = TensorBoardLogger(tmp_path / "tb", name="", version="run")
+    _fit(tmp_path, [csv_logger, tb_logger])
+    from_csv = encoder_dynamics(read_scalars(csv_logger.log_dir))
+    from_tb = encoder_dynamics(read_tensorboard(tb_logger.log_dir))
+    assert list(from_csv) == ["audio", "visual"] and from_tb.keys() == from_csv.keys()
+    for enc, dyn in from_csv.items():
+        assert dyn.steps == [1, 3, 5] and dyn.steps == from_tb[enc].steps
+        assert dyn.cos_beta == pytest.approx(from_tb[enc].cos_beta, rel=1e-6)
+        assert dyn.alphas.keys() == from_tb[enc].alphas.keys()
+        assert dyn.stationary_total == from_tb[enc].stationary_total
+    assert set(from_csv["audio"].alphas) == {"multimodal", "unimodal", "align"}  # K = 3 on audio
+
+
+def test_plot_command_on_a_csv_run(tmp_path, capsys):
+    from lightning.pytorch.loggers import CSVLogger
+
+    for version in ("version_0", "version_1"):
+        _fit(tmp_path, [CSVLogger(tmp_path / "runs", name="logs", version=version)])
+    newest = tmp_path / "runs" / "logs" / "version_1"
+    os.utime(newest / "metrics.csv", (2e9, 2e9))
+    assert find_runs(tmp_path / "runs")[0] == newest
+    main(["plot", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert "2 runs under" in out and str(newest) in out
+    data = (newest / "training_dynamics.png").read_bytes()
+    assert data[:8] == PNG_MAGIC
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width > 800 and height > 1000  # two encoders, five panels each
+
+
+def test_plot_of_several_curves(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text(CSV)
+    dyn = encoder_dynamics(read_metrics_csv(path))
+    out = plot_dynamics({"uniform": [dyn, dyn], "MMPareto": [dyn]}, tmp_path / "fig.png", title="t")
+    assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plot_fails_clearly(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match=r"no metrics\.csv .* or events\.out\.tfevents"):
+        main(["plot", str(tmp_path)])
+    (tmp_path / "metrics.csv").write_text("epoch,step,val/acc\n0,3,0.5\n")
+    with pytest.raises(SystemExit, match="log_on_step=True"):
+        main(["plot", str(tmp_path)])
+    (tmp_path / "metrics.csv").write_text(CSV)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"needs matplotlib: pip install matplotlib"):
+        main(["plot", str(tmp_path)])
+
+
+def test_tensorboard_files_without_tensorboard_name_the_extra(tmp_path, monkeypatch):
+    (tmp_path / "events.out.tfevents.0.host.1.0").write_bytes(b"")
+    for name in ("tensorboard", "tensorboard.backend.event_processing.event_accumulator"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match=r"mmpareto-lightning\[tensorboard\]"):
+        read_scalars(tmp_path)
