@@ -7,13 +7,14 @@ and written once, by :func:`weighted_sum`.
 
 Two regimes. On CPU the rule is bound by memory bandwidth: a tensor larger than :data:`PIECE` entries
 is processed piece by piece, every piece by all the operations that need it one after another, so that
-only the first of them reads main memory and no temporary is made. On accelerators the rule is bound by
-kernel launches: multi-tensor (``_foreach``) operations do all tensors with a fixed number of kernels.
+only the first of them reads it from main memory, and nothing of the gradients' size is allocated. On
+accelerators the rule is bound by kernel launches: multi-tensor (``_foreach``) operations handle all
+tensors with a fixed number of kernels.
 
-Precision. A float32 dot product over millions of entries on CPU (BLAS ``sdot``) loses up to ``1e-6``
-relative; no float32 sum here runs over more than :data:`PIECE` products (``sdot`` keeps them within
-about ``2e-7`` relative), and the pieces' sums are added in float64. The products themselves are rounded
-to float32, which the rule's round-off floor accounts for.
+Precision. A float32 dot product over millions of entries on CPU (BLAS ``sdot``) loses up to about
+``1e-6`` relative; here no float32 sum runs over more than :data:`PIECE` products, within about
+``2e-7`` relative, and the pieces' sums are added in float64. The products themselves are rounded to
+float32, which the rule's round-off floor accounts for (see ``rule._FLOOR_FACTOR``).
 """
 
 from __future__ import annotations
@@ -23,40 +24,47 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["PIECE", "tensor_grams", "weighted_sum"]
+__all__ = ["PIECE", "Pieces", "tensor_grams", "weighted_sum"]
 
-#: Entries per piece on CPU: two float32 pieces fit in a core's L2 cache, and a float32 ``sdot`` over
-#: this many products stays within about ``2e-7`` relative.
+#: Entries per piece on CPU: two or three float32 pieces fit in a core's L2 cache, and a float32
+#: ``sdot`` over this many products stays within about ``2e-7`` relative.
 PIECE = 1 << 16
 
 
 def _multi_tensor(device: torch.device) -> bool:
-    """Whether the Gram matrices come from multi-tensor operations (accelerators) or dot products (CPU,
-    where the multi-tensor reductions are far slower than dot products)."""
+    """Whether the Gram matrices come from multi-tensor operations (accelerators) or from dot products
+    (CPU, where the multi-tensor reductions are far slower than dot products)."""
     return device.type != "cpu"
 
 
-def _pieces(t: Tensor) -> Sequence[Tensor]:
-    flat = t if t.ndim == 1 else t.view(-1)
-    return flat.split(PIECE) if flat.numel() > PIECE else (flat,)
+class Pieces:
+    """Views of contiguous tensors as 1-D pieces (of at most :data:`PIECE` entries on CPU, whole
+    elsewhere), made once per rule call and shared by both passes."""
+
+    def __init__(self) -> None:
+        self._views: dict[tuple[int, int], Sequence[Tensor]] = {}
+
+    def __call__(self, t: Tensor) -> Sequence[Tensor]:
+        key = (t.data_ptr(), t.numel())
+        views = self._views.get(key)
+        if views is None:
+            flat = t if t.ndim == 1 else t.view(-1)
+            views = flat.split(PIECE) if flat.numel() > PIECE and t.device.type == "cpu" else (flat,)
+            self._views[key] = views
+        return views
 
 
-def _blockwise(tensors: Sequence[Tensor]) -> bool:
-    """Whether these tensors (one per objective, and the output) go piece by piece."""
-    first = tensors[0]
-    return first.device.type == "cpu" and first.numel() > PIECE and all(t.is_contiguous() for t in tensors)
-
-
-def tensor_grams(grads: Sequence[Sequence[Tensor]]) -> Tensor:
+def tensor_grams(grads: Sequence[Sequence[Tensor]], pieces: Pieces | None = None) -> Tensor:
     """``(T, K, K)`` float64 Gram matrices: ``G[t, i, j]`` is the dot product of ``grads[i][t]`` and
     ``grads[j][t]``.
 
-    On CPU: dot products, tensor by tensor and piece by piece (no temporary). Elsewhere: a fixed number
+    On CPU: dot products, tensor by tensor and piece by piece, no temporary. Elsewhere: a fixed number
     of multi-tensor operations, at the price of one temporary of the size of one gradient.
 
     Args:
         grads: ``K`` lists of ``T`` tensors; ``grads[i][t]`` all have the same shape, dtype (float32 or
             float64) and device.
+        pieces: the piece views to use (to share them with :func:`weighted_sum`).
 
     Returns:
         A float64 tensor of shape ``(T, K, K)`` on the gradients' device.
@@ -68,7 +76,8 @@ def tensor_grams(grads: Sequence[Sequence[Tensor]]) -> Tensor:
     if _multi_tensor(grads[0][0].device):
         packed = _pair_sums_by_foreach(grads, pairs)
         return torch.stack([packed[p] for p in order], dim=1).view(n, k, k)
-    dots = [_dots_by_piece(tensors, pairs) for tensors in zip(*grads, strict=True)]
+    pieces = pieces or Pieces()
+    dots = [_dots_by_piece(tensors, pairs, pieces) for tensors in zip(*grads, strict=True)]
     return torch.stack([d[p] for d in dots for p in order]).to(torch.float64).view(n, k, k)
 
 
@@ -91,30 +100,40 @@ def _pair_sums_by_foreach(grads: Sequence[Sequence[Tensor]], pairs: Sequence[tup
     return raw[:, 0] - 2 * raw[:, 1]
 
 
-def _dots_by_piece(tensors: Sequence[Tensor], pairs: Sequence[tuple[int, int]]) -> list[Tensor]:
+def _dots_by_piece(
+    tensors: Sequence[Tensor], pairs: Sequence[tuple[int, int]], pieces: Pieces
+) -> list[Tensor]:
     """Dot products of the pairs, piece by piece (a piece is read from memory by its first dot product
     only), the pieces' float32 sums added in float64."""
     if tensors[0].is_contiguous():
-        pieces = [_pieces(t) for t in tensors]
+        split = [pieces(t) for t in tensors]
     else:
-        pieces = [(t.reshape(-1),) for t in tensors]
+        split = [(t.reshape(-1),) for t in tensors]
     dots: list[list[Tensor]] = [[] for _ in pairs]
-    for piece in zip(*pieces, strict=True):
+    for piece in zip(*split, strict=True):
         for p, (i, j) in enumerate(pairs):
             dots[p].append(torch.dot(piece[i], piece[j]))
     return [d[0] if len(d) == 1 else torch.stack(d).sum(dtype=torch.float64) for d in dots]
 
 
 def weighted_sum(
-    grads: Sequence[Sequence[Tensor]], coefficients: Tensor, out: Sequence[Tensor] | None = None
+    grads: Sequence[Sequence[Tensor]],
+    coefficients: Tensor,
+    out: Sequence[Tensor] | None = None,
+    pieces: Pieces | None = None,
 ) -> list[Tensor]:
     """``h[t] = sum_i coefficients[i, t] * grads[i][t]``, written once.
+
+    A multiply, then a fused multiply-add per further gradient: multi-tensor operations over the
+    tensors, except on CPU for tensors above :data:`PIECE` entries, which go piece by piece so that the
+    multiply-add finds the piece it adds to in the cache.
 
     Args:
         grads: ``K`` lists of ``T`` tensors.
         coefficients: ``(K, T)`` tensor in the gradients' dtype, on their device.
         out: ``T`` tensors to write into: separate from ``grads``, or the tensors of one of its lists
             (that list is scaled in place first, then the others are added).
+        pieces: the piece views to use (to share them with :func:`tensor_grams`).
 
     Returns:
         ``out``, or new tensors.
@@ -122,21 +141,21 @@ def weighted_sum(
     Raises:
         ValueError: when ``out`` shares some but not all tensors with a list of ``grads``.
     """
-    k, lists = len(grads), [list(g) for g in grads]
+    k, n, lists = len(grads), len(grads[0]), [list(g) for g in grads]
     aliased = [] if out is None else _aliased(out, lists)
     if len(aliased) > 1:
         # The same tensors passed as two objectives and as ``out``: go through new tensors.
         result = weighted_sum(lists, coefficients)
         torch._foreach_copy_(list(out), result)  # type: ignore[arg-type]
         return list(out)  # type: ignore[arg-type]
+    pieces = pieces or Pieces()
     first = aliased[0] if aliased else 0
     order = [first, *(i for i in range(k) if i != first)]
     scalars = [list(row.unbind()) for row in coefficients]
-    n = len(lists[0])
     target: list[Tensor | None] = list(out) if out is not None else [None] * n
-    outputs = [] if out is None else [list(out)]
-    blocks = [t for t in range(n) if _blockwise([lst[t] for lst in [*lists, *outputs]])]
-    rest = sorted(set(range(n)) - set(blocks))
+    touched = [*lists, *([] if out is None else [list(out)])]
+    blocks = {t for t in range(n) if _blockwise([lst[t] for lst in touched])}
+    rest = [t for t in range(n) if t not in blocks]
     if rest:
 
         def pick(items: Sequence[Tensor | None]) -> list[Tensor]:
@@ -153,15 +172,22 @@ def weighted_sum(
             torch._foreach_addcmul_(dest, pick(lists[i]), pick(scalars[i]))
         for t, d in zip(rest, dest, strict=True):
             target[t] = d
-    for t in blocks:
-        if target[t] is None:
-            target[t] = torch.empty_like(lists[0][t])
-        # Piece by piece, so that the fused multiply-add finds the piece it adds to in the cache.
-        for piece in zip(*(_pieces(lists[i][t]) for i in order), _pieces(target[t]), strict=True):
-            torch.mul(piece[0], scalars[first][t], out=piece[-1])
-            for i, p in zip(order[1:], piece[1:-1], strict=True):
-                piece[-1].addcmul_(p, scalars[i][t])
+    for t in sorted(blocks):
+        destination = target[t]
+        if destination is None:
+            destination = target[t] = torch.empty_like(lists[0][t])
+        split = [pieces(lists[i][t]) for i in order]
+        for dest_piece, *piece in zip(pieces(destination), *split, strict=True):
+            torch.mul(piece[0], scalars[first][t], out=dest_piece)
+            for i, p in zip(order[1:], piece[1:], strict=True):
+                dest_piece.addcmul_(p, scalars[i][t])
     return target  # type: ignore[return-value]
+
+
+def _blockwise(tensors: Sequence[Tensor]) -> bool:
+    """Whether these tensors (one per gradient, and the output) are written piece by piece."""
+    first = tensors[0]
+    return first.device.type == "cpu" and first.numel() > PIECE and all(t.is_contiguous() for t in tensors)
 
 
 def _aliased(out: Sequence[Tensor], lists: list[list[Tensor]]) -> list[int]:
