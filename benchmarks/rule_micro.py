@@ -11,8 +11,10 @@ gradients (``g_u = -0.5 g_m + noise``, so the full conflict path runs), and time
   two gradients plus one write pass.
 
 Methods are interleaved round by round (a noisy shared machine slows them alike) and the medians are
-reported, with the number of ATen operators one call dispatches (counted with a ``TorchDispatchMode``;
-views included). The unimodal buffer is restored outside the timed region before every call.
+reported (and the new rule's minimum), with the number of ATen operators one step dispatches from
+Python (counted with a ``TorchDispatchMode``, views included) and, on CUDA, the kernels it launches
+(``torch.profiler``). The unimodal buffer is restored outside the timed region before every call.
+``--multi-tensor`` runs the accelerator path on CPU, to count its operators without a GPU.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mmpareto_lightning import RuleConfig, integrate_gradients
+from mmpareto_lightning import RuleConfig, integrate_gradients, passes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,15 +72,18 @@ MODELS: dict[str, Callable[[], list[nn.Module]]] = {
 }
 
 
-def load_rule(revision: str):
-    """``mmpareto_lightning/rule.py`` as of ``revision``, imported as a separate module."""
-    source = subprocess.run(
-        ["git", "show", f"{revision}:mmpareto_lightning/rule.py"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+def load_rule(revision: str, file: str | None = None):
+    """``mmpareto_lightning/rule.py`` as of ``revision`` (or from ``file``), as a separate module."""
+    if file is not None:
+        source = Path(file).read_text()
+    else:
+        source = subprocess.run(
+            ["git", "show", f"{revision}:mmpareto_lightning/rule.py"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
     path = Path(tempfile.mkdtemp()) / "rule_baseline.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("rule_baseline", path)
@@ -98,24 +103,39 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def encoder_grads(module: nn.Module, seed: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+def encoder_grads(module: nn.Module, seed: int, device: str) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     segments = [p.numel() for p in module.parameters()]
     gen = torch.Generator().manual_seed(seed)
     n = sum(segments)
     g_m = torch.randn(n, generator=gen)
     g_u = -0.5 * g_m + torch.randn(n, generator=gen)
-    return segments, g_m, g_u
+    return segments, g_m.to(device), g_u.to(device)
 
 
-def run(model: str, rounds: int, baseline) -> dict[str, tuple[float, int]]:
-    encoders = [encoder_grads(m, seed) for seed, m in enumerate(MODELS[model]())]
+def count_kernels(fn: Callable[[], None]) -> int:
+    """CUDA kernels (and copies) one call launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def run(model: str, rounds: int, baseline, device: str) -> dict[str, tuple[float, float, int, int]]:
+    """name -> (median ms, min ms, dispatched operators, CUDA kernels or 0) per step (both encoders)."""
+    encoders = [encoder_grads(m, seed, device) for seed, m in enumerate(MODELS[model]())]
     config = RuleConfig()
     saved = [g_u.clone() for _, _, g_u in encoders]
     out = [torch.empty_like(g_u) for _, _, g_u in encoders]
+    cuda = device == "cuda"
 
     def restore() -> None:
         for (_, _, g_u), s in zip(encoders, saved, strict=True):
             g_u.copy_(s)
+        if cuda:
+            torch.cuda.synchronize()
 
     def new() -> None:
         for segments, g_m, g_u in encoders:
@@ -137,42 +157,62 @@ def run(model: str, rounds: int, baseline) -> dict[str, tuple[float, int]]:
     for (_, _, g_u), h in zip(encoders, h_new, strict=True):
         torch.testing.assert_close(g_u, h, rtol=1e-4, atol=1e-5 * float(h.abs().max()))
     methods = {"old": old, "new": new, "add": add}
-    ops = {}
+    ops, kernels = {}, {}
     for name, fn in methods.items():
         restore()
         counter = CountOps()
         with counter:
             fn()
         ops[name] = counter.count
+        restore()
+        kernels[name] = count_kernels(fn) if cuda else 0
     times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(rounds):
         for name, fn in methods.items():
             restore()
             start = time.perf_counter()
             fn()
+            if cuda:
+                torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(times[name]) * 1e3, ops[name]) for name in methods}
+    return {
+        name: (statistics.median(times[name]) * 1e3, min(times[name]) * 1e3, ops[name], kernels[name])
+        for name in methods
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--baseline", default="4d7b7ad", help="git revision of the old rule")
+    parser.add_argument("--baseline-file", help="the old rule.py as a file (instead of --baseline)")
+    parser.add_argument(
+        "--multi-tensor",
+        action="store_true",
+        help="use the accelerator path (multi-tensor kernels) on CPU too: for counting its operators",
+    )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    baseline = load_rule(args.baseline)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} rounds, medians per step")
-    print("| model | params/encoder | old ms | new ms | add ms | old/new | new/add | old ops | new ops |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    if args.multi_tensor:
+        passes._multi_tensor = lambda device: True
+    baseline = load_rule(args.baseline, args.baseline_file)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
+    print(f"torch {torch.__version__}, {where}, {args.rounds} rounds; per step (both encoders)")
+    print(
+        "| model | params/encoder | old ms | new ms | add ms | old/new | new/add | new min ms | "
+        "old ops | new ops | old kernels | new kernels |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model in args.models:
         params = [sum(p.numel() for p in m.parameters()) for m in MODELS[model]()]
-        r = run(model, args.rounds, baseline)
-        (o, oo), (n, no), (a, _) = r["old"], r["new"], r["add"]
+        r = run(model, args.rounds, baseline, args.device)
+        (o, _, oo, ok), (n, nmin, no, nk), (a, _, _, _) = r["old"], r["new"], r["add"]
         print(
             f"| {model} x2 | {'/'.join(f'{p:,}' for p in params)} | {o:.2f} | {n:.2f} | {a:.2f} | "
-            f"{o / n:.2f} | {n / a:.2f} | {oo} | {no} |"
+            f"{o / n:.2f} | {n / a:.2f} | {nmin:.2f} | {oo} | {no} | {ok} | {nk} |"
         )
         sys.stdout.flush()
 

@@ -38,8 +38,8 @@ def _multi_tensor(device: torch.device) -> bool:
 
 
 class Pieces:
-    """Views of contiguous tensors as 1-D pieces (of at most :data:`PIECE` entries on CPU, whole
-    elsewhere), made once per rule call and shared by both passes."""
+    """Views of contiguous tensors as 1-D pieces (of at most :data:`PIECE` entries on CPU, whole on
+    accelerators), made once per rule call and shared by both passes."""
 
     def __init__(self) -> None:
         self._views: dict[tuple[int, int], Sequence[Tensor]] = {}
@@ -49,7 +49,7 @@ class Pieces:
         views = self._views.get(key)
         if views is None:
             flat = t if t.ndim == 1 else t.view(-1)
-            views = flat.split(PIECE) if flat.numel() > PIECE and t.device.type == "cpu" else (flat,)
+            views = flat.split(PIECE) if flat.numel() > PIECE and not _multi_tensor(t.device) else (flat,)
             self._views[key] = views
         return views
 
@@ -84,19 +84,19 @@ def tensor_grams(grads: Sequence[Sequence[Tensor]], pieces: Pieces | None = None
 def _pair_sums_by_foreach(grads: Sequence[Sequence[Tensor]], pairs: Sequence[tuple[int, int]]) -> Tensor:
     """``(pairs, T)`` float64 dot products from multi-tensor operations.
 
-    There is no multi-tensor dot product, so a sum of products comes from absolute sums:
-    ``sum(p) = sum(|p|) - 2 sum(|min(p, 0)|)``, with a round-off float32-relative to ``sum(|p|)``, the
-    order of rounding the products themselves. The diagonal is computed the same way, so that identical
-    gradients give bit-identical Gram entries.
+    There is no multi-tensor dot product, so a sum of products comes from absolute sums, accumulated in
+    float64: ``sum(p) = sum(|p|) - 2 sum(|min(p, 0)|)``, whose round-off is that of rounding the products
+    to float32. The diagonal is computed the same way, so that identical gradients give bit-identical
+    Gram entries.
     """
     lists = [list(g) for g in grads]
     sums: list[Tensor] = []
     for i, j in pairs:
         products = torch._foreach_mul(lists[i], lists[j])
-        sums.extend(torch._foreach_powsum(products, 1))
+        sums.extend(torch._foreach_powsum(products, 1, dtype=torch.float64))
         torch._foreach_clamp_max_(products, 0.0)
-        sums.extend(torch._foreach_powsum(products, 1))
-    raw = torch.stack(sums).to(torch.float64).view(len(pairs), 2, len(lists[0]))
+        sums.extend(torch._foreach_powsum(products, 1, dtype=torch.float64))
+    raw = torch.stack(sums).view(len(pairs), 2, len(lists[0]))
     return raw[:, 0] - 2 * raw[:, 1]
 
 
@@ -187,7 +187,9 @@ def weighted_sum(
 def _blockwise(tensors: Sequence[Tensor]) -> bool:
     """Whether these tensors (one per gradient, and the output) are written piece by piece."""
     first = tensors[0]
-    return first.device.type == "cpu" and first.numel() > PIECE and all(t.is_contiguous() for t in tensors)
+    return (
+        first.numel() > PIECE and not _multi_tensor(first.device) and all(t.is_contiguous() for t in tensors)
+    )
 
 
 def _aliased(out: Sequence[Tensor], lists: list[list[Tensor]]) -> list[int]:
