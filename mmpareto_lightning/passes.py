@@ -105,15 +105,14 @@ def _dots_by_piece(
 ) -> list[Tensor]:
     """Dot products of the pairs, piece by piece (a piece is read from memory by its first dot product
     only), the pieces' float32 sums added in float64."""
-    if tensors[0].is_contiguous():
-        split = [pieces(t) for t in tensors]
-    else:
-        split = [(t.reshape(-1),) for t in tensors]
+    if tensors[0].numel() <= PIECE or not tensors[0].is_contiguous():
+        flat = [t if t.ndim == 1 else t.reshape(-1) for t in tensors]
+        return [torch.dot(flat[i], flat[j]) for i, j in pairs]
     dots: list[list[Tensor]] = [[] for _ in pairs]
-    for piece in zip(*split, strict=True):
+    for piece in zip(*(pieces(t) for t in tensors), strict=True):
         for p, (i, j) in enumerate(pairs):
             dots[p].append(torch.dot(piece[i], piece[j]))
-    return [d[0] if len(d) == 1 else torch.stack(d).sum(dtype=torch.float64) for d in dots]
+    return [torch.stack(d).sum(dtype=torch.float64) for d in dots]
 
 
 def weighted_sum(
@@ -126,7 +125,8 @@ def weighted_sum(
 
     A multiply, then a fused multiply-add per further gradient: multi-tensor operations over the
     tensors, except on CPU for tensors above :data:`PIECE` entries, which go piece by piece so that the
-    multiply-add finds the piece it adds to in the cache.
+    multiply-add finds the piece it adds to in the cache, and on accelerators for gradients that lie end
+    to end in flat buffers (the engine's layout), which take one kernel per gradient over each buffer.
 
     Args:
         grads: ``K`` lists of ``T`` tensors.
@@ -151,10 +151,15 @@ def weighted_sum(
     pieces = pieces or Pieces()
     first = aliased[0] if aliased else 0
     order = [first, *(i for i in range(k) if i != first)]
+    if out is not None and _multi_tensor(lists[0][0].device):
+        spans = [_flat_span(lst) for lst in [*(lists[i] for i in order), list(out)]]
+        if all(span is not None for span in spans):
+            _write_spans(spans, coefficients[order], [t.numel() for t in lists[0]])  # type: ignore[arg-type]
+            return list(out)
     scalars = [list(row.unbind()) for row in coefficients]
     target: list[Tensor | None] = list(out) if out is not None else [None] * n
     touched = [*lists, *([] if out is None else [list(out)])]
-    blocks = {t for t in range(n) if _blockwise([lst[t] for lst in touched])}
+    blocks = {t for t in range(n) if lists[0][t].numel() > PIECE and _blockwise([lst[t] for lst in touched])}
     rest = [t for t in range(n) if t not in blocks]
     if rest:
 
@@ -184,6 +189,45 @@ def weighted_sum(
     return target  # type: ignore[return-value]
 
 
+def _flat_span(tensors: Sequence[Tensor]) -> Tensor | None:
+    """One 1-D view over the tensors when they lie end to end in one storage (the engine's layout)."""
+    first = tensors[0]
+    size, address = first.element_size(), first.data_ptr()
+    for t in tensors:
+        if t.data_ptr() != address or not t.is_contiguous():
+            return None
+        address += t.numel() * size
+    total = (address - first.data_ptr()) // size
+    # Consecutive addresses inside the first tensor's storage are that storage.
+    if first.storage_offset() + total > first.untyped_storage().nbytes() // size:
+        return None
+    return first.as_strided((total,), (1,))
+
+
+_SIZES: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
+
+
+def _write_spans(spans: Sequence[Tensor], coefficients: Tensor, sizes: list[int]) -> None:
+    """``spans[-1] = sum_i coefficients[i, t] * spans[i]`` over flat spans, ``t`` the tensor of each entry.
+
+    Per-tensor coefficients would make multi-tensor operations fall back to one kernel per tensor;
+    expanded to one coefficient per entry they take one kernel per gradient over the whole span.
+    """
+    device = spans[0].device
+    key = (tuple(sizes), device)
+    repeats = _SIZES.get(key)
+    if repeats is None:
+        # Made once per layout: the host-to-device copy is not repeated on later steps.
+        if len(_SIZES) >= 64:
+            _SIZES.clear()
+        repeats = _SIZES[key] = torch.tensor(sizes, device=device)
+    per_entry = torch.repeat_interleave(coefficients, repeats, dim=1, output_size=spans[0].numel())
+    destination = spans[-1]
+    torch.mul(spans[0], per_entry[0], out=destination)
+    for span, c in zip(spans[1:-1], per_entry[1:], strict=True):
+        destination.addcmul_(span, c)
+
+
 def _blockwise(tensors: Sequence[Tensor]) -> bool:
     """Whether these tensors (one per gradient, and the output) are written piece by piece."""
     first = tensors[0]
@@ -193,12 +237,12 @@ def _blockwise(tensors: Sequence[Tensor]) -> bool:
 
 
 def _aliased(out: Sequence[Tensor], lists: list[list[Tensor]]) -> list[int]:
-    """The lists whose tensors are the tensors of ``out``."""
+    """The lists whose tensors are the tensors of ``out`` (``out`` is taken to be separate from a list
+    whose first tensor it does not share)."""
     found = []
     for i, lst in enumerate(lists):
-        same = [o.data_ptr() == g.data_ptr() for o, g in zip(out, lst, strict=True)]
-        if any(same) and not all(same):
-            raise ValueError(f"`out` aliases gradient list {i} only in part; alias all of it or none.")
-        if all(same):
+        if out[0].data_ptr() == lst[0].data_ptr():
+            if any(o.data_ptr() != g.data_ptr() for o, g in zip(out, lst, strict=True)):
+                raise ValueError(f"`out` aliases gradient list {i} only in part; alias all of it or none.")
             found.append(i)
     return found

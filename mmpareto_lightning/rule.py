@@ -166,13 +166,18 @@ def integrate_tensor_lists(
         for p, g in zip(encoder_params, h):
             p.grad = g
     """
-    config = config or RuleConfig()
     lists = [list(g) for g in grads]
     _check_lists(lists, out)
+    return _integrate(lists, config or RuleConfig(), out)
+
+
+def _integrate(
+    lists: list[list[Tensor]], config: RuleConfig, out: Sequence[Tensor] | None
+) -> tuple[list[Tensor], RuleStats]:
     if lists[0][0].dtype in _HALF:
         # Half-precision gradients (``bf16-true`` training): integrate in float32, write back once.
         wide = [[t.float() for t in lst] for lst in lists]
-        result, stats = integrate_tensor_lists(wide, config, out=wide[0])
+        result, stats = _integrate(wide, config, out=wide[0])
         target = list(out) if out is not None else [torch.empty_like(t) for t in lists[0]]
         torch._foreach_copy_(target, result)
         return target, stats
@@ -186,16 +191,15 @@ def _check_lists(lists: list[list[Tensor]], out: Sequence[Tensor] | None) -> Non
         raise ValueError(f"The rule integrates at least two gradients, got {len(lists)}.")
     if not lists[0]:
         raise ValueError("The gradient lists are empty: an encoder needs at least one parameter.")
-    first = lists[0]
-    for i, lst in enumerate([*lists[1:], *([list(out)] if out is not None else [])], start=1):
-        name = f"gradient list {i}" if i < len(lists) else "`out`"
-        if len(lst) != len(first) or any(
-            t.shape != r.shape or t.dtype != r.dtype or t.device != r.device
-            for t, r in zip(lst, first, strict=True)
-        ):
+    every = [*lists, *([list(out)] if out is not None else [])]
+    shapes = [t.shape for t in lists[0]]
+    kinds = {(t.dtype, t.device) for lst in every for t in lst}
+    for i, lst in enumerate(every):
+        if [t.shape for t in lst] != shapes or len(kinds) > 1:
+            name = f"gradient list {i}" if i < len(lists) else "`out`"
             raise ValueError(
-                f"{name} does not match gradient list 0 tensor by tensor (shapes "
-                f"{[tuple(t.shape) for t in first]}, dtype {first[0].dtype}, device {first[0].device})."
+                f"{name} does not match gradient list 0 tensor by tensor, or the tensors differ in dtype "
+                f"or device (shapes {[tuple(s) for s in shapes]}; {sorted(map(str, kinds))})."
             )
 
 
@@ -328,8 +332,11 @@ def integrate_gradients(
     if sum(sizes) != numel:
         raise ValueError(f"`segments` add up to {sum(sizes)}, but the gradients have {numel} elements.")
     result = out if out is not None else torch.empty_like(grads[0])
+    if len({(g.dtype, g.device) for g in [*grads, result]}) > 1 or result.shape != grads[0].shape:
+        raise ValueError("The gradients and `out` must have one size, dtype and device.")
+    # Views of equal flat tensors match tensor by tensor: no per-tensor checks needed.
     views = [list(g.split(sizes)) for g in grads]
-    _, stats = integrate_tensor_lists(views, config, out=list(result.split(sizes)))
+    _, stats = _integrate(views, config or RuleConfig(), list(result.split(sizes)))
     return result, stats
 
 

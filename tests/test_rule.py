@@ -258,7 +258,8 @@ def test_bfloat16_gradients_use_float32_dot_products() -> None:
 
 # Tensors above passes.PIECE entries go piece by piece on CPU (dot products and the write), with a tail.
 BIG_SHAPES = [(3, PIECE // 3 + 5), (7,), (PIECE + 1,), (16, 3, 3, 3)]
-CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CUDA = [pytest.mark.gpu, needs_cuda]
 
 
 def _objectives(seed: int, k: int, shapes: list[tuple[int, ...]], scale: float = 1.0, conflict: bool = True):
@@ -376,7 +377,12 @@ def test_tensor_lists_reject_partial_aliasing() -> None:
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("k", [2, 3])
-def test_flat_api_equals_list_api(strategy: str, k: int) -> None:
+@pytest.mark.parametrize("multi_tensor", [False, True])
+def test_flat_api_equals_list_api(
+    strategy: str, k: int, multi_tensor: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # multi_tensor=True: the accelerator path, whose write takes flat buffers whole.
+    monkeypatch.setattr(passes, "_multi_tensor", lambda device: multi_tensor)
     grads = _objectives(7, k, BIG_SHAPES + SHAPES)
     segments = [t.numel() for t in grads[0]]
     flats = [torch.cat([t.reshape(-1) for t in lst]) for lst in grads]
@@ -387,6 +393,13 @@ def test_flat_api_equals_list_api(strategy: str, k: int) -> None:
         torch.testing.assert_close(f.view_as(t), t, rtol=1e-6, atol=1e-6)
     for a, b in zip(flat_stats, list_stats, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=0)
+    # A separate flat output, and one inside a larger buffer (like the engine's shared buffer).
+    buffer = torch.full((flat.numel() + 10,), float("nan"))
+    separate, _ = integrate_gradients(
+        [torch.cat([t.reshape(-1) for t in lst]) for lst in grads], config, segments, out=buffer[3:-7]
+    )
+    torch.testing.assert_close(separate, flat, rtol=1e-6, atol=1e-6)
+    assert buffer[:3].isnan().all() and buffer[-7:].isnan().all()
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -481,20 +494,33 @@ def test_decisions_are_float64_accurate_at_resnet18_size(device: str) -> None:
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("rescale", ["per_tensor", "per_encoder"])
-@CUDA[0]
-@CUDA[1]
-def test_cuda_rule_matches_cpu_rule_without_synchronising(k: int, strategy: str, rescale: str) -> None:
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_rule_matches_cpu_rule_without_synchronising(
+    k: int, strategy: str, rescale: str, flat: bool
+) -> None:
     grads = _objectives(11, k, BIG_SHAPES + SHAPES)
     config = RuleConfig(strategy=strategy, rescale=rescale)
     expected, expected_stats = integrate_tensor_lists(grads, config)
-    on_gpu = [[t.cuda() for t in lst] for lst in grads]
-    integrate_tensor_lists(on_gpu, config)  # warm-up: kernels load outside the checked region
+    segments = [t.numel() for t in grads[0]]
+
+    def on_gpu() -> list[list[torch.Tensor]]:
+        if not flat:
+            return [[t.cuda() for t in lst] for lst in grads]
+        # The engine's layout: flat buffers; the rule writes into the unimodal one.
+        buffers = [torch.cat([t.reshape(-1) for t in lst]).cuda() for lst in grads]
+        return [[v.view_as(t) for v, t in zip(b.split(segments), grads[0], strict=True)] for b in buffers]
+
+    warm = on_gpu()  # kernels load, and layouts are set up, outside the checked region
+    integrate_tensor_lists(warm, config, out=warm[1])
+    inputs = on_gpu()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        result, stats = integrate_tensor_lists(on_gpu, config, out=on_gpu[1])
+        result, stats = integrate_tensor_lists(inputs, config, out=inputs[1])
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert all(r is o for r, o in zip(result, on_gpu[1], strict=True))
+    assert all(r is o for r, o in zip(result, inputs[1], strict=True))
     scale = max(float(t.abs().max()) for lst in grads for t in lst)
     for r, e in zip(result, expected, strict=True):
         torch.testing.assert_close(r.cpu(), e, rtol=2e-5, atol=2e-5 * scale)
