@@ -336,12 +336,19 @@ def test_gram_round_off_is_far_below_the_floor(size: int, kind: str, device: str
         "positive": torch.rand(size, generator=gen) + 0.5,
         "heavy": torch.randn(size, generator=gen) ** 3,
     }[kind]
-    worst = 0.0
+    eps = torch.finfo(torch.float32).eps
+    worst = worst_entry = 0.0
     for ratio in (0.3, 1.0, 2.7):
         b = -ratio * a + 1e-7 * a.abs().mean() * torch.randn(size, generator=gen)
         weights = torch.tensor([2 * ratio / (1 + ratio), 2 / (1 + ratio)], dtype=torch.float64)
-        worst = max(worst, _quadratic_errors([[a.to(device)], [b.to(device)]], weights)[0])
-    assert worst < rule._FLOOR_FACTOR * torch.finfo(torch.float32).eps / 4
+        grads = [[a.to(device)], [b.to(device)]]
+        worst = max(worst, _quadratic_errors(grads, weights)[0])
+        # The floor's premise: each entry errs by at most c eps sum_e |g_ie g_je|, c = _FLOOR_FACTOR.
+        exact = torch.stack([a.double(), b.double()])
+        errors = (tensor_grams(grads)[0].cpu() - exact @ exact.T).abs() / (exact.abs() @ exact.abs().T)
+        worst_entry = max(worst_entry, float(errors.max()))
+    assert worst < rule._FLOOR_FACTOR * eps / 4
+    assert worst_entry < rule._FLOOR_FACTOR * eps
 
 
 @pytest.mark.parametrize("alias", [None, 0, 1, "separate", "both"])
