@@ -14,7 +14,9 @@ Methods are interleaved round by round (a noisy shared machine slows them alike)
 reported (and the new rule's minimum), with the number of ATen operators one step dispatches from
 Python (counted with a ``TorchDispatchMode``, views included) and, on CUDA, the kernels it launches
 (``torch.profiler``). The unimodal buffer is restored outside the timed region before every call.
-``--multi-tensor`` runs the accelerator path on CPU, to count its operators without a GPU.
+``--multi-tensor`` runs the accelerator path on CPU, to count its operators without a GPU;
+``--breakdown`` also times the new rule's phases (Gram matrices, decisions, write) against one flat
+dot product of the two gradients (a read pass) and the ``add`` yardstick.
 """
 
 from __future__ import annotations
@@ -181,6 +183,47 @@ def run(model: str, rounds: int, baseline, device: str) -> dict[str, tuple[float
     }
 
 
+def breakdown(model: str, rounds: int, device: str) -> dict[str, float]:
+    """Median ms per step of the new rule's phases, and of one flat dot product (a read pass of both
+    gradients) and the ``add`` yardstick, interleaved."""
+    from mmpareto_lightning import rule
+
+    encoders = [encoder_grads(m, seed, device) for seed, m in enumerate(MODELS[model]())]
+    config = RuleConfig()
+    lists = [[list(g.split(segments)) for g in (g_m, g_u)] for segments, g_m, g_u in encoders]
+    saved = [g_u.clone() for _, _, g_u in encoders]
+    out = [torch.empty_like(g_u) for _, _, g_u in encoders]
+    grams = [passes.tensor_grams(lst) for lst in lists]
+    coefficients = [rule._decide(g, config, torch.finfo(torch.float32).eps)[0].float() for g in grams]
+    phases: dict[str, Callable[[], object]] = {
+        "gram (read)": lambda: [passes.tensor_grams(lst, passes.Pieces()) for lst in lists],
+        "decisions": lambda: [rule._decide(g, config, torch.finfo(torch.float32).eps) for g in grams],
+        "write": lambda: [
+            passes.weighted_sum(lst, c, lst[1], passes.Pieces())
+            for lst, c in zip(lists, coefficients, strict=True)
+        ],
+        "whole rule": lambda: [
+            integrate_gradients([g_m, g_u], config, segments=segments, out=g_u)
+            for segments, g_m, g_u in encoders
+        ],
+        "dot(g_m, g_u)": lambda: [torch.dot(g_m, g_u) for _, g_m, g_u in encoders],
+        "add": lambda: [torch.add(g_m, g_u, out=o) for (_, g_m, g_u), o in zip(encoders, out, strict=True)],
+    }
+    times: dict[str, list[float]] = {name: [] for name in phases}
+    for _ in range(rounds):
+        for name, fn in phases.items():
+            for (_, _, g_u), s in zip(encoders, saved, strict=True):
+                g_u.copy_(s)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) * 1e3 for name, v in times.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -194,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         help="use the accelerator path (multi-tensor kernels) on CPU too: for counting its operators",
     )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--breakdown", action="store_true", help="also time the new rule's phases")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.multi_tensor:
@@ -215,6 +259,14 @@ def main(argv: list[str] | None = None) -> None:
             f"{o / n:.2f} | {n / a:.2f} | {nmin:.2f} | {oo} | {no} | {ok} | {nk} |"
         )
         sys.stdout.flush()
+    if args.breakdown:
+        print("\nPhases of the new rule, median ms per step (both encoders):\n")
+        results = {model: breakdown(model, args.rounds, args.device) for model in args.models}
+        names = list(next(iter(results.values())))
+        print("| model | " + " | ".join(names) + " |")
+        print("|---" * (len(names) + 1) + "|")
+        for model, r in results.items():
+            print(f"| {model} x2 | " + " | ".join(f"{r[name]:.2f}" for name in names) + " |")
 
 
 if __name__ == "__main__":
