@@ -219,7 +219,7 @@ def _decide(gram_t: Tensor, config: RuleConfig, eps: float) -> tuple[Tensor, Rul
     v11, v12, v22 = entries[0], entries[1], entries[k + 1]
     finite = gram.sum() * 0 == 0  # inf * 0 and nan * 0 are nan
     conflict = v12 <= 0 if k == 2 else (gram <= 0).triu(1).any()
-    cos_beta = v12 / (v11 * v22).clamp_min(_TINY).sqrt()
+    cos_beta = v12 / (v11.sqrt() * v22.sqrt()).clamp_min(_TINY)
     if k == 2:
         official, exact = _min_norm_2(v11, v12, v22)
     else:
