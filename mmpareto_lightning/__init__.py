@@ -10,7 +10,13 @@ from mmpareto_lightning.engine import MMParetoEngine
 from mmpareto_lightning.metrics import MMParetoMetrics
 from mmpareto_lightning.min_norm import min_norm_2, min_norm_simplex
 from mmpareto_lightning.module import MMParetoModule
-from mmpareto_lightning.rule import RuleConfig, RuleStats, integrate_gradient_lists, integrate_gradients
+from mmpareto_lightning.rule import (
+    RuleConfig,
+    RuleStats,
+    integrate_gradient_lists,
+    integrate_gradients,
+    integrate_tensor_lists,
+)
 from mmpareto_lightning.splitting import GradientSplitter, GradientSplittingError
 
 __version__ = "0.1.0"
@@ -26,6 +32,7 @@ __all__ = [
     "RuleStats",
     "integrate_gradient_lists",
     "integrate_gradients",
+    "integrate_tensor_lists",
     "min_norm_2",
     "min_norm_simplex",
 ]

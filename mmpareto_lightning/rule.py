@@ -11,9 +11,14 @@ integrated gradient ``h`` that replaces the encoder's gradient. See ``SPEC.md`` 
 * rescale ``h'`` to the magnitude of ``sum_i g_i``, per parameter tensor and never shrinking (the
   authors' code) or over the whole encoder (the paper's formula), then ``h = gamma * h'``.
 
-Everything is a tensor operation: no value is read back to the host, so the rule never stalls a GPU.
-The rule works on *flat* gradients (one 1-D tensor per objective, the encoder's parameters laid end to
-end); ``segments`` gives the sizes of the parameter tensors inside that layout.
+Everything the rule decides is a quadratic form of the per-tensor Gram matrices
+``G[t, i, j] = <g_i[t], g_j[t]>`` (:mod:`.passes`): the rule reads the gradients once to get them, decides
+in float64 on those small matrices, and writes ``h`` once. No value is read back to the host, so the
+rule never stalls a GPU.
+
+The core, :func:`integrate_tensor_lists`, takes one list of per-parameter tensors per objective;
+:func:`integrate_gradients` is the same rule on *flat* gradients (the encoder's parameters laid end to
+end, ``segments`` giving the sizes), which it splits into views.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from mmpareto_lightning.min_norm import min_norm_2, min_norm_simplex
+from mmpareto_lightning.min_norm import min_norm_simplex
+from mmpareto_lightning.passes import Pieces, tensor_grams, weighted_sum
 
 __all__ = [
     "RESCALE_MODES",
@@ -34,6 +40,7 @@ __all__ = [
     "RuleStats",
     "integrate_gradient_lists",
     "integrate_gradients",
+    "integrate_tensor_lists",
 ]
 
 Strategy = Literal["mmpareto", "pareto", "uniform", "multimodal_only"]
@@ -85,7 +92,8 @@ class RuleConfig:
 
 
 class RuleStats(NamedTuple):
-    """What the rule saw and did on one encoder in one step (0-d tensors, on the gradients' device).
+    """What the rule saw and did on one encoder in one step (float64 or bool tensors, 0-d except
+    ``alphas``, on the gradients' device).
 
     Attributes:
         cos_beta: cosine between objective 0 (multimodal) and objective 1 (unimodal) gradients; 0 when
@@ -105,32 +113,177 @@ class RuleStats(NamedTuple):
     finite: Tensor
 
 
-def _gram(grads: Sequence[Tensor]) -> Tensor:
-    k = len(grads)
-    # Every entry, the diagonal included, is a dot product, so identical gradients give bit-identical
-    # entries and the solver's ``v12 >= v11`` test sees them as identical.
-    dots = {(i, j): torch.dot(grads[i], grads[j]) for i in range(k) for j in range(i, k)}
-    return torch.stack([torch.stack([dots[min(i, j), max(i, j)] for j in range(k)]) for i in range(k)])
+# The round-off floor of h'. ||h'||_t^2 = w^T G_t w is a difference of large terms when h' nearly
+# cancels (opposite gradients). Each Gram entry adds products rounded to the gradients' precision
+# (relative error <= eps / 2 each) in float32 partial sums of at most passes.PIECE products, so
+# |dG_ij| <= c eps sum_e |g_ie g_je|, and then
+#     |d(w^T G_t w)| <= sum_ij |w_i| |w_j| |dG_ij| <= c eps sum_e (sum_i |w_i g_ie|)^2
+#                    <= c eps (sum_i |w_i| ||g_i||_t)^2.
+# Measured on adversarial inputs (sizes 1 to 2**21; normal, positive and heavy-tailed entries), c is at
+# most 4.5 for single entries, and the error of w^T G_t w itself stays below 1.0 eps (sum ...)^2
+# (tests/test_rule.py::test_gram_round_off_is_far_below_the_floor). Below the floor, ||h'||_t is
+# round-off and so is the direction of h' as it would be written: h' is then left as it is instead of
+# being blown up to ||sum_i g_i||_t. With c = 8, the floor of ||h'||_t for float32 gradients is
+# sqrt(8 * 2**-23) ~ 1e-3 of sum_i |w_i| ||g_i||_t, where rounding the gradients to float32 alone
+# already moves h' by about 1e-4 of its norm. (A direct norm of h' would allow a floor of order eps,
+# at the price of a second read pass and a second write pass.)
+_FLOOR_FACTOR = 8.0
+_HALF = (torch.float16, torch.bfloat16)
+_TINY = torch.finfo(torch.float64).tiny
 
 
-def _exact_min_norm_value(gram: Tensor) -> Tensor:
-    """``||sum_i alpha_i g_i||`` at the exact (unclamped) min-norm weights, in float64."""
-    g = gram.to(torch.float64)
-    if g.shape[0] == 2:
-        v11, v12, v22 = g[0, 0], g[0, 1], g[1, 1]
-        denominator = v11 + v22 - 2 * v12
-        safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-        a = torch.where(denominator > 0, ((v22 - v12) / safe).clamp(0, 1), torch.ones_like(v11))
-        alpha = torch.stack([a, 1 - a])
+def integrate_tensor_lists(
+    grads: Sequence[Sequence[Tensor]],
+    config: RuleConfig | None = None,
+    out: Sequence[Tensor] | None = None,
+) -> tuple[list[Tensor], RuleStats]:
+    """Apply the rule to the per-parameter gradients of one encoder.
+
+    The gradients are read once (per-tensor dot products, accumulated in float64) and ``h`` is written
+    once; nothing is copied or flattened.
+
+    Args:
+        grads: ``K >= 2`` lists of ``T`` tensors, one list per objective (list 0 the multimodal loss,
+            list 1 the unimodal loss), tensor ``t`` of every list the gradient of parameter ``t``.
+        config: the rule's settings (default: the authors' MMPareto).
+        out: optional ``T`` tensors to write ``h`` into; it may be one of the lists in ``grads`` (all of
+            its tensors, e.g. the parameters' ``.grad``), which is read before it is overwritten. It must
+            not overlap the inputs otherwise.
+
+    Returns:
+        The integrated gradient per parameter (the tensors of ``out`` when given) and the step's
+        :class:`RuleStats`.
+
+    Raises:
+        ValueError: for fewer than two lists, an empty list, or tensors whose shapes, dtypes or devices
+            differ across lists.
+
+    Example::
+
+        g_mm = torch.autograd.grad(loss_mm, encoder_params, retain_graph=True)
+        g_uni = torch.autograd.grad(loss_uni, encoder_params, retain_graph=True)
+        h, stats = integrate_tensor_lists([g_mm, g_uni], RuleConfig())
+        for p, g in zip(encoder_params, h):
+            p.grad = g
+    """
+    lists = [list(g) for g in grads]
+    _check_lists(lists, out)
+    return _integrate(lists, config or RuleConfig(), out)
+
+
+def _integrate(
+    lists: list[list[Tensor]], config: RuleConfig, out: Sequence[Tensor] | None
+) -> tuple[list[Tensor], RuleStats]:
+    if lists[0][0].dtype in _HALF:
+        # Half-precision gradients (``bf16-true`` training): integrate in float32, write back once.
+        wide = [[t.float() for t in lst] for lst in lists]
+        result, stats = _integrate(wide, config, out=wide[0])
+        target = list(out) if out is not None else [torch.empty_like(t) for t in lists[0]]
+        torch._foreach_copy_(target, result)
+        return target, stats
+    dtype, pieces = lists[0][0].dtype, Pieces()
+    coefficients, stats = _decide(tensor_grams(lists, pieces), config, torch.finfo(dtype).eps)
+    return weighted_sum(lists, coefficients.to(dtype), out, pieces), stats
+
+
+def _check_lists(lists: list[list[Tensor]], out: Sequence[Tensor] | None) -> None:
+    if len(lists) < 2:
+        raise ValueError(f"The rule integrates at least two gradients, got {len(lists)}.")
+    if not lists[0]:
+        raise ValueError("The gradient lists are empty: an encoder needs at least one parameter.")
+    every = [*lists, *([list(out)] if out is not None else [])]
+    shapes = [t.shape for t in lists[0]]
+    kinds = {(t.dtype, t.device) for lst in every for t in lst}
+    for i, lst in enumerate(every):
+        if [t.shape for t in lst] != shapes or len(kinds) > 1:
+            name = f"gradient list {i}" if i < len(lists) else "`out`"
+            raise ValueError(
+                f"{name} does not match gradient list 0 tensor by tensor, or the tensors differ in dtype "
+                f"or device (shapes {[tuple(s) for s in shapes]}; {sorted(map(str, kinds))})."
+            )
+
+
+def _decide(gram_t: Tensor, config: RuleConfig, eps: float) -> tuple[Tensor, RuleStats]:
+    """Per-tensor coefficients ``(K, T)`` of ``h = sum_i c_i g_i`` and the statistics, from the Gram
+    matrices ``(T, K, K)`` of gradients with machine epsilon ``eps``.
+
+    Everything is float64 arithmetic on a few numbers per tensor, with branches as ``torch.where``.
+    Denominators are clamped to the smallest normal float64 instead of being guarded: Gram entries of
+    float32 gradients are either 0 or far above it, so a clamp changes no positive value, and where
+    the value is 0 the numerator is 0 too (or the quotient is not selected).
+    """
+    n, k = gram_t.shape[0], gram_t.shape[1]
+    gram = gram_t.sum(0)
+    diag = torch.diagonal(gram)
+    entries = gram.view(-1).unbind()
+    v11, v12, v22 = entries[0], entries[1], entries[k + 1]
+    finite = gram.sum() * 0 == 0  # inf * 0 and nan * 0 are nan
+    conflict = v12 <= 0 if k == 2 else (gram <= 0).triu(1).any()
+    cos_beta = v12 / (v11.sqrt() * v22.sqrt()).clamp_min(_TINY)
+    if k == 2:
+        official, exact = _min_norm_2(v11, v12, v22)
     else:
-        alpha = min_norm_simplex(g)
-    return (alpha @ g @ alpha).clamp_min(0).sqrt()
+        official = exact = min_norm_simplex(gram)
+    if config.strategy == "uniform":
+        weights = torch.ones_like(diag)
+    elif config.strategy == "multimodal_only":
+        weights = torch.zeros_like(diag)
+        weights[0].fill_(1.0)  # fill_, not "= 1.0", which copies a host scalar
+    elif config.strategy == "pareto":
+        weights = k * official
+    else:
+        weights = torch.where(conflict, k * official, 1.0)
+    max_square = diag.max()
+    stationary = (
+        conflict & (max_square > 0) & (exact @ gram @ exact <= config.stationarity_tol**2 * max_square)
+    )
+
+    scaled = config.effective_gamma * weights
+    if config.strategy != "mmpareto":
+        rescale = torch.ones_like(v11)
+        coefficients = scaled[:, None].expand(k, n)
+    else:
+        # Per tensor: ||sum_i g_i||^2, ||h'||^2 and the round-off floor of ||h'||^2 (see _FLOOR_FACTOR).
+        target = gram_t.sum((1, 2))
+        combined = (gram_t * (weights[:, None] * weights)).sum((1, 2))
+        spread = torch.diagonal(gram_t, dim1=1, dim2=2).sqrt() @ weights.abs()
+        floor = spread.square() * (_FLOOR_FACTOR * eps)
+        if config.rescale == "per_tensor":
+            usable = (combined > floor) & conflict
+            factors = torch.where(usable, (target / combined.clamp_min(_TINY)).clamp_min(1.0).sqrt(), 1.0)
+            # ||h|| / (gamma ||h'||) over the encoder; 1 when h' is 0.
+            square = combined.clamp_min(0)
+            rescale = ((factors.square() @ square + _TINY) / (square.sum() + _TINY)).sqrt()
+        else:
+            total = combined.sum()
+            usable = (total > floor.sum()) & conflict
+            rescale = torch.where(usable, (target.sum() / total.clamp_min(_TINY)).sqrt(), 1.0)
+            factors = rescale.expand(n)
+        coefficients = scaled[:, None] * factors
+    stats = RuleStats(
+        cos_beta=cos_beta,
+        alphas=weights / k,
+        conflict=conflict,
+        stationary=stationary,
+        rescale=rescale,
+        finite=finite,
+    )
+    return coefficients, stats
 
 
-def _segment_norms(flat: Tensor, segments: Sequence[int]) -> Tensor:
-    if len(segments) == 1:
-        return torch.linalg.vector_norm(flat).reshape(1)
-    return torch.stack(torch._foreach_norm(list(torch.split(flat, list(segments)))))
+def _min_norm_2(v11: Tensor, v12: Tensor, v22: Tensor) -> tuple[Tensor, Tensor]:
+    """Official (clamped, as :func:`~mmpareto_lightning.min_norm.min_norm_2`) and exact min-norm weights
+    of two gradients, from one evaluation of the closed form."""
+    denominator = (v11 + v22 - 2 * v12).clamp_min(_TINY)
+    # Each weight from its own formula: 1 - alpha would round a weight of 1e-15 to zero. The interior
+    # point is used by the official weights only when v12 < min(v11, v22), where the denominator is > 0.
+    interior = (torch.stack([v22, v11]) - v12) / denominator
+    # linspace ends exactly on 0.001 and needs no host-to-device copy (unlike torch.tensor).
+    high = torch.linspace(0.999, 0.001, 2, dtype=v11.dtype, device=v11.device)
+    official = torch.where(v12 >= v11, high, torch.where(v12 >= v22, high.flip(0), interior))
+    # The exact minimiser is the interior point clamped to the simplex. (Its value only counts under a
+    # conflict, where the denominator is > 0 unless both gradients are 0.)
+    return official, interior.clamp(0.0, 1.0)
 
 
 def integrate_gradients(
@@ -140,6 +293,9 @@ def integrate_gradients(
     out: Tensor | None = None,
 ) -> tuple[Tensor, RuleStats]:
     """Apply the rule to the flat gradients of one encoder.
+
+    A thin wrapper of :func:`integrate_tensor_lists`: the flat gradients are split into views along
+    ``segments`` (no copies).
 
     Args:
         grads: ``K >= 2`` one-dimensional tensors of equal size: the encoder's gradient under each
@@ -162,12 +318,6 @@ def integrate_gradients(
         g_mm, g_uni = torch.randn(1000), torch.randn(1000)
         h, stats = integrate_gradients([g_mm, g_uni], RuleConfig(strategy="mmpareto"))
     """
-    config = config or RuleConfig()
-    if grads and grads[0].dtype in (torch.float16, torch.bfloat16):
-        # Half-precision gradients (``bf16-true`` training): integrate in float32, write back.
-        h, stats = integrate_gradients([g.float() for g in grads], config, segments)
-        result = out if out is not None else torch.empty_like(grads[0])
-        return result.copy_(h), stats
     k = len(grads)
     if k < 2:
         raise ValueError(f"The rule integrates at least two gradients, got {k}.")
@@ -176,102 +326,25 @@ def integrate_gradients(
         if g.ndim != 1 or g.numel() != numel:
             raise ValueError(
                 f"All gradients must be 1-D of the same size; gradient {i} has shape {tuple(g.shape)}, "
-                f"gradient 0 has {numel} elements. Flatten them first (see integrate_gradient_lists)."
+                f"gradient 0 has {numel} elements. Use integrate_tensor_lists for per-parameter tensors."
             )
-    segments = [numel] if segments is None else [int(s) for s in segments]
-    if sum(segments) != numel:
-        raise ValueError(f"`segments` add up to {sum(segments)}, but the gradients have {numel} elements.")
-
-    gram = _gram(grads)
-    finite = torch.isfinite(gram).all()
-    norms = torch.diagonal(gram).clamp_min(0).sqrt()
-    pair_dots = gram[torch.triu_indices(k, k, offset=1, device=gram.device).unbind()]
-    conflict = (pair_dots <= 0).any()
-    denominator = norms[0] * norms[1]
-    cos_beta = torch.where(denominator > 0, gram[0, 1] / torch.where(denominator > 0, denominator, 1.0), 0.0)
-
-    ones = torch.ones(k, dtype=gram.dtype, device=gram.device)
-    if config.strategy == "uniform":
-        weights = ones
-    elif config.strategy == "multimodal_only":
-        weights = torch.zeros_like(ones)
-        weights[0].fill_(1.0)
-    else:
-        if k == 2:
-            mgda = min_norm_2(gram[0, 0], gram[0, 1], gram[1, 1]).to(gram.dtype)
-        else:
-            mgda = min_norm_simplex(gram)
-        weights = k * mgda if config.strategy == "pareto" else torch.where(conflict, k * mgda, ones)
-    alphas = weights / k
-    weights = weights.to(grads[0].dtype)
-
-    # ``target`` holds sum_i g_i until its norms are taken, then it is reused to hold h'.
-    target = grads[0].clone()
-    for g in grads[1:]:
-        target.add_(g)
-    target_norms = _segment_norms(target, segments)
-    combined = target
-    combined.copy_(grads[0]).mul_(weights[0])
-    for i in range(1, k):
-        combined.addcmul_(grads[i], weights[i])
-    combined_norms = _segment_norms(combined, segments)
-
-    gamma = config.effective_gamma
-    if config.strategy == "mmpareto":
-        # Below the round-off floor of the weighted sum, h' is noise (e.g. exactly opposite gradients):
-        # enlarging it would amplify that noise to the size of sum_i g_i, so it is left as it is.
-        eps = torch.finfo(grads[0].dtype).eps
-        seg_norms = torch.stack([_segment_norms(g, segments) for g in grads]).to(combined_norms.dtype)
-        floors = 64 * eps * (weights.abs().to(seg_norms.dtype)[:, None] * seg_norms).sum(dim=0)
-        if config.rescale == "per_tensor":
-            usable = combined_norms > floors
-            ratio = target_norms / torch.where(usable, combined_norms, 1.0)
-            factors = torch.where(usable, ratio.clamp_min(1.0), 1.0)
-        else:
-            total, total_target = combined_norms.norm(), target_norms.norm()
-            usable = total > floors.norm()
-            factor = torch.where(usable, total_target / torch.where(usable, total, 1.0), 1.0)
-            factors = factor.expand(len(segments))
-        factors = torch.where(conflict, factors, 1.0)
-    else:
-        factors = torch.ones_like(combined_norms)
-
-    scaled = factors * gamma
-    result = out if out is not None else combined
-    if len(segments) == 1 or config.rescale == "per_encoder" or config.strategy != "mmpareto":
-        torch.mul(combined, scaled[0], out=result)
-    else:
-        if result is not combined:
-            result.copy_(combined)
-        torch._foreach_mul_(list(torch.split(result, segments)), list(scaled.unbind()))
-
-    combined_total = combined_norms.norm()
-    rescale = torch.where(combined_total > 0, (factors * combined_norms).norm() / combined_total, 1.0)
-    max_norm = norms.max()
-    stationary = (
-        conflict
-        & (max_norm > 0)
-        & (_exact_min_norm_value(gram) <= config.stationarity_tol * max_norm.to(torch.float64))
-    )
-    stats = RuleStats(
-        cos_beta=cos_beta,
-        alphas=alphas,
-        conflict=conflict,
-        stationary=stationary,
-        rescale=rescale,
-        finite=finite,
-    )
+    sizes = [numel] if segments is None else [int(s) for s in segments]
+    if sum(sizes) != numel:
+        raise ValueError(f"`segments` add up to {sum(sizes)}, but the gradients have {numel} elements.")
+    result = out if out is not None else torch.empty_like(grads[0])
+    if len({(g.dtype, g.device) for g in [*grads, result]}) > 1 or result.shape != grads[0].shape:
+        raise ValueError("The gradients and `out` must have one size, dtype and device.")
+    # Views of equal flat tensors match tensor by tensor: no per-tensor checks needed.
+    views = [list(g.split(sizes)) for g in grads]
+    _, stats = _integrate(views, config or RuleConfig(), list(result.split(sizes)))
     return result, stats
 
 
 def integrate_gradient_lists(
     grads: Sequence[Sequence[Tensor]], config: RuleConfig | None = None
 ) -> tuple[list[Tensor], RuleStats]:
-    """Apply the rule to per-parameter gradients, e.g. the output of ``torch.autograd.grad``.
-
-    Convenience wrapper of :func:`integrate_gradients` for plain PyTorch code: flattens the ``K``
-    gradient lists (one copy each), integrates, and splits the result back into tensors shaped like the
-    parameters.
+    """Apply the rule to per-parameter gradients into new tensors (:func:`integrate_tensor_lists`
+    without ``out``; kept for compatibility).
 
     Args:
         grads: ``K`` lists, each with one gradient tensor per encoder parameter (same shapes across
@@ -281,27 +354,4 @@ def integrate_gradient_lists(
     Returns:
         One integrated gradient per parameter, and the step's :class:`RuleStats`.
     """
-    if len(grads) < 2:
-        raise ValueError(f"The rule integrates at least two gradient lists, got {len(grads)}.")
-    shapes = [g.shape for g in grads[0]]
-    for i, gl in enumerate(grads):
-        if [g.shape for g in gl] != shapes:
-            raise ValueError(f"Gradient list {i} does not have the shapes of gradient list 0: {shapes}.")
-    flats = [torch.cat([g.reshape(-1) for g in gl]) for gl in grads]
-    segments = [g.numel() for g in grads[0]]
-    flat, stats = integrate_gradients(flats, config, segments=segments)
-    return [t.view(shape) for t, shape in zip(torch.split(flat, segments), shapes, strict=True)], stats
-
-
-def integrate_tensor_lists(
-    grads: Sequence[Sequence[Tensor]], config: RuleConfig | None = None, out: Sequence[Tensor] | None = None
-) -> tuple[list[Tensor], RuleStats]:
-    """TEMPORARY adapter (replaced by the per-tensor rule): flatten, integrate, write back."""
-    segments = [g.numel() for g in grads[0]]
-    flats = [torch.cat([g.reshape(-1) for g in gl]) for gl in grads]
-    flat, stats = integrate_gradients(flats, config, segments=segments)
-    pieces = [t.view_as(g) for t, g in zip(torch.split(flat, segments), grads[0], strict=True)]
-    if out is None:
-        return pieces, stats
-    torch._foreach_copy_(list(out), pieces)
-    return list(out), stats
+    return integrate_tensor_lists(grads, config)
