@@ -87,8 +87,8 @@ def _pair_sums_by_foreach(grads: Sequence[Sequence[Tensor]], pairs: Sequence[tup
     """``(pairs, T)`` float64 dot products from multi-tensor operations.
 
     There is no multi-tensor dot product, so a sum of products comes from absolute sums of the exact
-    float64 products: ``sum(p) = sum(|p|) - 2 sum(|min(p, 0)|)``. The diagonal is computed the same way, so that identical gradients give bit-identical
-    Gram entries.
+    float64 products: ``sum(p) = sum(|p|) - 2 sum(|min(p, 0)|)``. The diagonal is computed the same
+    way, so that identical gradients give bit-identical Gram entries.
     """
     # float64 copies: the product of two float32 numbers is exact in float64.
     lists = [[t.to(torch.float64) for t in g] for g in grads]
