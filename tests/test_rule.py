@@ -328,9 +328,8 @@ def test_gram_quadratic_forms_match_direct_norms(
 @pytest.mark.parametrize("kind", ["normal", "positive", "heavy"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 def test_gram_round_off_is_far_below_the_floor(size: int, kind: str, device: str) -> None:
-    # h' = w_1 g_1 + w_2 g_2 cancels to float32 round-off: ||h'||^2 from the Gram matrix must still be
-    # accurate far below the rule's floor ((rule._FLOOR eps spread)^2), so the floor, not the Gram
-    # arithmetic, decides what is enlarged.
+    # h' = w_1 g_1 + w_2 g_2 cancels to float32 round-off: ||h'||^2 from the Gram matrix is then all
+    # error, and that error must stay far below the rule's floor (rule._FLOOR_FACTOR eps spread^2).
     gen = torch.Generator().manual_seed(size)
     a = {
         "normal": torch.randn(size, generator=gen),
@@ -344,12 +343,12 @@ def test_gram_round_off_is_far_below_the_floor(size: int, kind: str, device: str
         weights = torch.tensor([2 * ratio / (1 + ratio), 2 / (1 + ratio)], dtype=torch.float64)
         grads = [[a.to(device)], [b.to(device)]]
         worst = max(worst, _quadratic_errors(grads, weights)[0])
-        # The floor's premise: each entry is exact to float64 round-off.
+        # The floor's premise: each entry errs by at most c eps sum_e |g_ie g_je|, c = _FLOOR_FACTOR.
         exact = torch.stack([a.double(), b.double()])
         errors = (tensor_grams(grads)[0].cpu() - exact @ exact.T).abs() / (exact.abs() @ exact.abs().T)
         worst_entry = max(worst_entry, float(errors.max()))
-    assert worst < (rule._FLOOR * eps) ** 2 / 100
-    assert worst_entry < 1e-12
+    assert worst < rule._FLOOR_FACTOR * eps / 4
+    assert worst_entry < rule._FLOOR_FACTOR * eps
 
 
 @pytest.mark.parametrize("alias", [None, 0, 1, "separate", "both"])
@@ -440,9 +439,8 @@ def test_non_contiguous_and_half_precision_tensor_lists() -> None:
 
 
 def test_the_rule_makes_no_large_temporary_on_cpu() -> None:
-    # One read pass and one write pass, in place: no operator allocates anything of the gradients' size
-    # (the float64 copy of one piece at a time, which stays in cache, is the largest temporary).
-    grads = _objectives(9, 2, [*BIG_SHAPES, (4 * PIECE + 3,)])
+    # One read pass and one write pass, in place: no operator allocates anything of the gradients' size.
+    grads = _objectives(9, 2, BIG_SHAPES)
     allocations = []
 
     class RecordAllocations(TorchDispatchMode):
@@ -460,9 +458,7 @@ def test_the_rule_makes_no_large_temporary_on_cpu() -> None:
 
     with RecordAllocations():
         integrate_tensor_lists(grads, out=grads[1])
-    largest_gradient = max(t.numel() for t in grads[0]) * 4
-    assert largest_gradient > PIECE * 8
-    assert allocations and max(size for _, size in allocations) <= PIECE * 8, sorted(
+    assert allocations and max(size for _, size in allocations) < 4096, sorted(
         allocations, key=lambda a: -a[1]
     )[:3]
 
