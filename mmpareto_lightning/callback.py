@@ -202,7 +202,12 @@ class MMParetoCallback(Callback):
             )
         encoders = _validated_encoders(pl_module)
         try:
-            self._engine = MMParetoEngine(encoders, self.rule, multimodal_key=self.multimodal_key)
+            self._engine = MMParetoEngine(
+                encoders,
+                self.rule,
+                multimodal_key=self.multimodal_key,
+                param_names={id(p): n for n, p in pl_module.named_parameters()},
+            )
         except GradientSplittingError as err:
             raise MisconfigurationException(str(err)) from err
         self._engine.splitter.zero_absent = trainer.world_size > 1
@@ -284,9 +289,17 @@ class MMParetoCallback(Callback):
         assert self._engine is not None
         self.in_step = True
         self._batch_seen = True
+        steps_before = module.trainer.global_step
         try:
             with self._engine.capture():
                 losses = step(module, *args, **kwargs)
+            if module.trainer.global_step != steps_before:
+                raise MisconfigurationException(
+                    f"{type(module).__name__}.training_step stepped the optimizer itself. With MMPareto, "
+                    "return the named losses and leave backward, zero_grad and the optimizer step to "
+                    "MMParetoCallback."
+                )
+            self.in_step = False
             return self._optimize(module, losses)
         finally:
             self.in_step = False

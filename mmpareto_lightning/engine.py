@@ -43,6 +43,7 @@ class MMParetoEngine:
         encoders: name -> encoder module; each encoder's unimodal loss is the loss of the same name.
         config: the rule's settings (default: the authors' MMPareto, per-tensor rescale, gamma 1.5).
         multimodal_key: name of the multimodal loss.
+        param_names: ``id(parameter)`` -> its name in the model, for error messages.
     """
 
     def __init__(
@@ -50,9 +51,10 @@ class MMParetoEngine:
         encoders: Mapping[str, nn.Module],
         config: RuleConfig | None = None,
         multimodal_key: str = "multimodal",
+        param_names: Mapping[int, str] | None = None,
     ) -> None:
         self.config = config or RuleConfig()
-        self.splitter = GradientSplitter(encoders, multimodal_key=multimodal_key)
+        self.splitter = GradientSplitter(encoders, multimodal_key=multimodal_key, param_names=param_names)
         self._reduce_buffer: Tensor | None = None
 
     @property
@@ -101,6 +103,12 @@ class MMParetoEngine:
         stats = {}
         for name, layout in layouts.items():
             _, stats[name] = integrate_tensor_lists(layout.grads, self.config, out=layout.grads[1])
+            if not self.splitter.zero_absent:
+                # As plain autograd: a parameter no loss reached has no gradient (an optimizer then
+                # leaves it alone: no weight decay, no momentum).
+                for p, reached in zip(layout.params, layout.reached, strict=True):
+                    if not reached:
+                        p.grad = None
         self.splitter.close_window()
         return stats
 

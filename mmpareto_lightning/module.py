@@ -172,6 +172,16 @@ class MMParetoModule(pl.LightningModule):
             if adopt is not None:
                 adopt(trainer)
 
+    def manual_backward(self, loss: Any, *args: Any, **kwargs: Any) -> None:
+        driver = _DRIVERS.get(self)
+        if driver is not None and driver.in_step:
+            raise MisconfigurationException(
+                f"{type(self).__name__}.training_step called `manual_backward`. With MMPareto, return the "
+                "named losses instead: MMParetoCallback runs the backward (a backward of your own would "
+                "add a gradient the rule never sees)."
+            )
+        super().manual_backward(loss, *args, **kwargs)
+
     def mmpareto_encoders(self) -> Mapping[str, nn.Module]:
         """Name -> encoder submodule that receives the MMPareto update (a dict or an ``nn.ModuleDict``).
 

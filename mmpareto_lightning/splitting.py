@@ -28,8 +28,8 @@ Nothing here knows Lightning: ``backward_fn`` and ``scale_fn`` let the caller pl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -61,12 +61,18 @@ class EncoderObjectives:
         grads: per objective, one gradient tensor per parameter, valid after
             :meth:`GradientSplitter.backward` until :meth:`GradientSplitter.close_window`. ``grads[1]``
             are the parameters' ``.grad`` tensors themselves.
+        reached: per parameter, whether any loss reached it in the window (plain autograd leaves the
+            others' ``.grad`` at ``None``, and so does the engine after the rule).
     """
 
     name: str
     params: list[nn.Parameter]
     objectives: list[str] = field(default_factory=list)
     grads: list[list[Tensor]] = field(default_factory=list)
+    reached: list[bool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.reached = [False] * len(self.params)
 
     @property
     def numel(self) -> int:
@@ -91,6 +97,7 @@ class GradientSplitter:
     Args:
         encoders: name -> encoder module. Each encoder's unimodal loss is the loss with the same name.
         multimodal_key: name of the multimodal loss.
+        param_names: ``id(parameter)`` -> its name in the model, for error messages.
 
     Raises:
         GradientSplittingError: no encoders, a name equal to ``multimodal_key`` or reserved, or a
@@ -105,7 +112,12 @@ class GradientSplitter:
         g_mm, g_audio = layouts["audio"].grads     # per-parameter gradients of the audio encoder
     """
 
-    def __init__(self, encoders: Mapping[str, nn.Module], multimodal_key: str = "multimodal") -> None:
+    def __init__(
+        self,
+        encoders: Mapping[str, nn.Module],
+        multimodal_key: str = "multimodal",
+        param_names: Mapping[int, str] | None = None,
+    ) -> None:
         if not encoders:
             raise GradientSplittingError("At least one encoder is needed; got an empty mapping.")
         for name in (multimodal_key, *RESERVED_LOSS_KEYS):
@@ -132,9 +144,13 @@ class GradientSplitter:
                 owner[id(p)] = name
         self.multimodal_key = multimodal_key
         self.encoders = dict(encoders)
+        self._param_names = dict(param_names or {})
+        self._owner = owner
+        # Encoder buffers as they were before the extra backward, restored if it changed them.
+        self._snapshots: dict[str, list[Tensor]] = {}
+        self._filled: set[int] = set()
         self._capture = OutputCapture(self.encoders)
         self.layouts: dict[str, EncoderObjectives] = {}
-        self._checked: set[tuple[object, ...]] = set()
         self._window_open = False
         # Data-parallel ranks must integrate the same encoders: there an uncalled encoder takes part
         # with zero gradients (its last known objectives), and the rule sees the ranks' average.
@@ -236,7 +252,8 @@ class GradientSplitter:
         step_layouts = self._assign_objectives(present, names, cot, owner, new_window)
         self._check_graph(losses, outputs, step_layouts)
         if encoder_loss is None:
-            self._extra_vjps(step_layouts, cot, owner, outputs)
+            with self._buffers_kept(step_layouts):
+                self._extra_vjps(step_layouts, cot, owner, outputs)
             if self.zero_absent:
                 self._add_absent(step_layouts, new_window)
 
@@ -246,6 +263,12 @@ class GradientSplitter:
         else:
             self.loss_finite = self.loss_finite & finite
 
+        if new_window:
+            self._filled = set()
+        for layout in self.layouts.values():
+            for p in layout.params:
+                if id(p) in self._filled:  # zeros filled in by the splitter carry no information
+                    p.grad = None
         handles: list[RemovableHandle] = []
         for i, (out, enc) in enumerate(zip(outputs, owner, strict=True)):
             main = cot[encoder_loss or self.layouts[enc].objectives[1]][i]
@@ -260,9 +283,12 @@ class GradientSplitter:
             self.layouts = {}
             return self.layouts
         for layout in self.layouts.values():
-            for p in layout.params:
+            for i, p in enumerate(layout.params):
                 if p.grad is None:  # the main objective does not reach this parameter
                     p.grad = torch.zeros_like(p)
+                    self._filled.add(id(p))
+                elif layout.name in step_layouts:
+                    layout.reached[i] = True
             # Read after the backward: DDP may have replaced the .grad tensors with bucket views.
             layout.grads[1] = [p.grad for p in layout.params]  # type: ignore[misc]
         self._window_open = True
@@ -322,7 +348,8 @@ class GradientSplitter:
                 raise GradientSplittingError(
                     f"Encoder {name!r} produced no output that requires grad during the forward pass, but "
                     f"its loss {name!r} is there. Call the encoder module itself (its forward hook captures "
-                    "the output) inside the training step, with gradients enabled (reentrant activation "
+                    "the output; calling one of its methods, such as `forward_features`, bypasses the hook) "
+                    "inside the training step, with gradients enabled (reentrant activation "
                     "checkpointing of inputs that do not require grad also drops the graph: use "
                     "checkpoint(..., use_reentrant=False)). For a missing modality, leave the encoder "
                     "uncalled and its loss out."
@@ -398,12 +425,16 @@ class GradientSplitter:
                         cots.append(c)
                 params.extend(layout.params)
                 targets.append((layout, k))
-            grads = torch.autograd.grad(
-                outs, params, cots, retain_graph=True, allow_unused=True, materialize_grads=True
-            )
+            grads = torch.autograd.grad(outs, params, cots, retain_graph=True, allow_unused=True)
             start = 0
             for layout, k in targets:
-                new = list(grads[start : start + len(layout.params)])
+                new = []
+                for i, (p, g) in enumerate(zip(layout.params, grads[start:], strict=False)):
+                    if g is None:
+                        g = torch.zeros_like(p)
+                    else:
+                        layout.reached[i] = True
+                    new.append(g)
                 start += len(layout.params)
                 if not layout.grads:
                     layout.grads = [[] for _ in layout.objectives]
@@ -421,6 +452,7 @@ class GradientSplitter:
                 continue
             objectives = self._known_objectives.get(enc, [self.multimodal_key, enc])
             layout = EncoderObjectives(enc, params, list(objectives))
+            layout.reached = [True] * len(params)
             layout.grads = [[torch.zeros_like(p) for p in params] for _ in objectives]
             for p in params:
                 if p.grad is None:  # DDP writes the other ranks' average into it
@@ -433,11 +465,17 @@ class GradientSplitter:
         outputs: list[Tensor],
         layouts: Mapping[str, EncoderObjectives],
     ) -> None:
-        # Every step: a loss that reaches encoder parameters other than through the captured outputs
-        # (an L2 term on encoder weights, a head sharing a parameter) would make the split silently
-        # wrong. The walk stops at the outputs' boundary, so it only visits the heads' nodes.
+        """Refuse, every step, a graph in which the split would be silently wrong.
+
+        Two walks of the autograd graph. From the losses down to the encoders' output boundary (the
+        heads' nodes only): no loss may reach an encoder parameter other than through the encoder's
+        output. From each encoder's outputs up through the encoder: no reentrant checkpointing (it
+        hides the parameters from ``autograd.grad``), no trainable parameter outside the encoder (it
+        would get only the unimodal gradient) and no other encoder's output (encoders in a chain).
+        Both run every step, since the model can change between steps (a penalty term, checkpointing
+        or unfreezing switched on mid-fit).
+        """
         stops = {o.grad_fn for o in outputs}
-        param_owner = {id(p): name for name in self.encoders for p in self.trainable_params(name)}
         seen: set[object] = set()
         for name, loss in losses.items():
             stack = [loss.grad_fn]
@@ -447,36 +485,84 @@ class GradientSplitter:
                     continue
                 seen.add(node)
                 variable = getattr(node, "variable", None)
-                if variable is not None and id(variable) in param_owner:
+                if variable is not None and id(variable) in self._owner and variable.requires_grad:
                     raise GradientSplittingError(
-                        f"Loss {name!r} reaches a parameter of encoder {param_owner[id(variable)]!r} "
-                        f"(shape {tuple(variable.shape)}) without passing through the encoder's output, so "
+                        f"Loss {name!r} reaches parameter {self._describe(variable)} of encoder "
+                        f"{self._owner[id(variable)]!r} without passing through the encoder's output, so "
                         "its gradient cannot be split exactly. Compute losses only from the encoders' "
                         "outputs (no losses on intermediate features, no weight penalties on encoder "
                         "parameters inside a loss: use the optimizer's weight_decay, no parameters shared "
                         "with a head)."
                     )
                 stack.extend(next_node for next_node, _ in node.next_functions)
-        # Once per layout: reentrant checkpointing hides the encoder's parameters from the graph (its
-        # node only links to the inputs), so a vector-Jacobian product would silently return no gradient.
-        signature = tuple((n, tuple(id(p) for p in layout.params)) for n, layout in layouts.items())
-        if signature in self._checked:
-            return
-        walked: set[object] = set()
-        stack = [o.grad_fn for o in outputs]
-        while stack:
-            node = stack.pop()
-            if node is None or node in walked:
-                continue
-            walked.add(node)
-            if type(node).__name__ == "CheckpointFunctionBackward":
-                raise GradientSplittingError(
-                    "Reentrant activation checkpointing inside an encoder hides its parameters from "
-                    "torch.autograd.grad, so the per-loss gradients would be lost. Use "
-                    "torch.utils.checkpoint.checkpoint(..., use_reentrant=False)."
-                )
-            stack.extend(next_node for next_node, _ in node.next_functions)
-        self._checked.add(signature)
+        boundary = {o.alias.grad_fn: enc for enc in self.encoders for o in self._capture.outputs[enc]}
+        for enc in layouts:
+            walked: set[object] = set()
+            stack = [o.alias.grad_fn for o in self._capture.outputs[enc]]
+            own = {o.alias.grad_fn for o in self._capture.outputs[enc]}
+            while stack:
+                node = stack.pop()
+                if node is None or node in walked:
+                    continue
+                walked.add(node)
+                if node in boundary and node not in own:
+                    raise GradientSplittingError(
+                        f"Encoder {enc!r} is computed from the output of encoder {boundary[node]!r}: "
+                        "encoders in a chain would count the downstream encoder's paths twice. Make them "
+                        "one encoder, or feed both from the inputs."
+                    )
+                if type(node).__name__ == "CheckpointFunctionBackward":
+                    raise GradientSplittingError(
+                        "Reentrant activation checkpointing inside encoder "
+                        f"{enc!r} hides its parameters from torch.autograd.grad, so the per-loss gradients "
+                        "would be lost. Use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) "
+                        "(transformers: gradient_checkpointing_kwargs={'use_reentrant': False})."
+                    )
+                variable = getattr(node, "variable", None)
+                if (
+                    isinstance(variable, nn.Parameter)
+                    and variable.requires_grad
+                    and self._owner.get(id(variable)) != enc
+                ):
+                    where = self._owner.get(id(variable))
+                    raise GradientSplittingError(
+                        f"Trainable parameter {self._describe(variable)} "
+                        + (f"of encoder {where!r} " if where else "outside every encoder ")
+                        + f"feeds encoder {enc!r}: through the split it would get only the unimodal "
+                        "loss's gradient. Make it part of the encoder (e.g. the whole transformer, "
+                        "embeddings included, rather than its `.encoder`), or freeze it."
+                    )
+                stack.extend(next_node for next_node, _ in node.next_functions)
+
+    def _describe(self, parameter: Tensor) -> str:
+        name = self._param_names.get(id(parameter))
+        return f"{name!r} (shape {tuple(parameter.shape)})" if name else f"of shape {tuple(parameter.shape)}"
+
+    @contextmanager
+    def _buffers_kept(self, layouts: Mapping[str, EncoderObjectives]) -> Iterator[None]:
+        """Keep the encoders' buffers (BatchNorm statistics) as they are across the extra backward.
+
+        Under non-reentrant activation checkpointing every backward recomputes the forward, which would
+        update running statistics once more than plain training does. The buffers are copied into
+        persistent snapshots before (one multi-tensor copy, no allocation) and back after.
+        """
+        buffers = {enc: list(self.encoders[enc].buffers()) for enc in layouts}
+        for enc, bs in buffers.items():
+            kept = self._snapshots.get(enc)
+            if kept is None or len(kept) != len(bs) or any(
+                k.shape != b.shape or k.dtype != b.dtype or k.device != b.device
+                for k, b in zip(kept, bs, strict=True)
+            ):
+                kept = self._snapshots[enc] = [torch.empty_like(b) for b in bs]
+            if bs:
+                torch._foreach_copy_(kept, bs)
+        yield
+        # Kernels update running statistics without bumping version counters, so a change cannot be
+        # detected: the snapshot is copied back unconditionally (nothing else writes buffers here),
+        # through `.data` so that buffers saved for the ordinary backward keep their version.
+        for enc, bs in buffers.items():
+            if bs:
+                torch._foreach_copy_([b.data for b in bs], self._snapshots[enc])
 
 
 class _Replace:

@@ -251,11 +251,6 @@ def test_calling_forward_features_instead_of_the_module_is_a_clear_error() -> No
         _fit(ForwardFeatures(image="vit"), steps=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a trainable module upstream of an encoder (here BERT's embeddings when the encoder is "
-    "`bert.encoder`) silently gets only the unimodal loss's gradient, not the summed losses' gradient",
-)
 def test_trainable_module_upstream_of_an_encoder_is_refused_or_exact() -> None:
     class InnerEncoder(TextImageNet):
         def mmpareto_encoders(self):
@@ -270,11 +265,6 @@ def test_trainable_module_upstream_of_an_encoder_is_refused_or_exact() -> None:
     assert checker.checked == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: encoder parameters no loss reaches (BERT's pooler when only tokens are used) get "
-    ".grad = 0 instead of None, so AdamW's weight decay moves them; plain autograd leaves them alone",
-)
 def test_encoder_parameters_no_loss_reaches_are_left_alone() -> None:
     class TokensOnly(TextImageNet):
         def text_features(self, ids, mask, token_types):
@@ -419,11 +409,6 @@ def test_trainer_accumulation_and_clipping_are_exact() -> None:
     assert checker.checked == trainer.global_step == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a manual_backward inside training_step (a manual-optimization habit) is neither refused "
-    "nor harmless: with accumulation its gradient is added to the window's",
-)
 def test_manual_backward_inside_training_step_is_refused_or_harmless() -> None:
     class StrayBackward(TextImageNet):
         def training_step(self, batch, batch_idx):
@@ -479,12 +464,6 @@ def test_reentrant_checkpointing_is_refused(which: str, monkeypatch) -> None:
         _fit(model, steps=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the reentrant-checkpointing check runs once per layout; enabled mid-fit (frozen "
-    "embeddings + transformers' enable_input_require_grads) the multimodal gradient of the checkpointed "
-    "layers is silently zero",
-)
 def test_reentrant_checkpointing_enabled_mid_fit_is_refused_or_exact() -> None:
     class EnableAtSecondStep(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -508,11 +487,6 @@ def test_reentrant_checkpointing_enabled_mid_fit_is_refused_or_exact() -> None:
     assert checker.checked == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: under non-reentrant checkpointing every backward through the encoder recomputes its "
-    "forward; the extra per-loss backward updates BatchNorm statistics once more than plain autograd",
-)
 def test_batchnorm_statistics_under_checkpointing_match_plain_autograd() -> None:
     torch.manual_seed(0)
     model = TextImageNet()
