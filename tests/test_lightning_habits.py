@@ -327,7 +327,7 @@ def test_a_weight_penalty_added_mid_fit_is_refused() -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             pl_module.penalty = trainer.global_step >= 2
 
-    with pytest.raises(MisconfigurationException, match="reaches parameter .* of encoder 'audio'"):
+    with pytest.raises(MisconfigurationException, match=r"reaches parameter .* of encoder 'audio'"):
         _fit(Penalised(), steps=4, callbacks=[TurnOn()], loader=make_loader(2, size=64))
 
 
