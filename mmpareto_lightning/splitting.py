@@ -549,9 +549,13 @@ class GradientSplitter:
         buffers = {enc: list(self.encoders[enc].buffers()) for enc in layouts}
         for enc, bs in buffers.items():
             kept = self._snapshots.get(enc)
-            if kept is None or len(kept) != len(bs) or any(
-                k.shape != b.shape or k.dtype != b.dtype or k.device != b.device
-                for k, b in zip(kept, bs, strict=True)
+            if (
+                kept is None
+                or len(kept) != len(bs)
+                or any(
+                    k.shape != b.shape or k.dtype != b.dtype or k.device != b.device
+                    for k, b in zip(kept, bs, strict=True)
+                )
             ):
                 kept = self._snapshots[enc] = [torch.empty_like(b) for b in bs]
             if bs:
