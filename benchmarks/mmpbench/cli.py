@@ -1,0 +1,310 @@
+"""Command line: parse the flags, run the measurements in order, print and return the Markdown report."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from . import __doc__ as package_doc
+from .check import AUTHORS_TOLERANCE, CHECK_TOLERANCE, check_correctness, format_check
+from .lightning_path import DEFAULT_LIGHTNING_VARIANTS, LIGHTNING_VARIANTS, time_lightning
+from .memory import grad_bytes, peak_memory_of_methods, run_memory_sweep
+from .methods import AuthorsStep, build_methods
+from .models import MODELS, ModelSpec, build_network_and_batch, default_batch_size
+from .report import (
+    MainResult,
+    format_lightning_table,
+    format_main_table,
+    format_memory_note,
+    format_memory_sweep,
+    format_memory_table,
+    format_phase_table,
+    format_scaling_table,
+    format_target,
+    load_average,
+    machine_description,
+)
+from .timing import Timing, time_interleaved, time_phases
+
+# Step-time targets of the plain step (mmpareto / uniform): issue 9's, per regime and device.
+TARGETS = {("cpu", "small-cnn"): 1.7, ("cpu", "wide-mlp"): 2.0, ("cpu", "resnet18"): 1.7}
+CUDA_TARGETS = {"wide-mlp": 2.0}
+CUDA_TARGET = 1.75  # CREMA-D shapes, batch 64 (floor measured on an H100: 1.62x)
+
+
+def run_main(
+    spec: ModelSpec,
+    n_encoders: int,
+    batch_size: int,
+    device: torch.device,
+    iters: int,
+    warmup: int,
+    seed: int,
+    lightning: bool = True,
+    memory: bool = True,
+    timing: bool = True,
+    lightning_iters: int | None = None,
+    lightning_variants: Sequence[str] = DEFAULT_LIGHTNING_VARIANTS,
+) -> MainResult:
+    """Correctness pre-check, interleaved timing, peak memory and (optionally) the Lightning table.
+
+    With ``timing=False`` only the pre-check and the memory pass run (e.g. ResNet-18 shapes on a CPU).
+    """
+    base, batch = build_network_and_batch(spec, n_encoders, batch_size, device, seed)
+    check = check_correctness(base, batch)
+    if not check.passed:
+        raise AssertionError(
+            f"Correctness pre-check failed (tolerance {CHECK_TOLERANCE} for the engine, "
+            f"{AUTHORS_TOLERANCE} for the authors' re-creation): engine {check.engine_error}, "
+            f"authors {check.authors_error}. "
+            "Refusing to time a wrong computation."
+        )
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    timings: dict[str, Timing] = {}
+    conflict_rate = float("nan")
+    if timing:
+        methods = build_methods(base, batch)
+        timings = time_interleaved({n: m.step for n, m in methods.items()}, iters, warmup, device)
+        authors = methods["authors"]
+        assert isinstance(authors, AuthorsStep)
+        conflict_rate = authors.conflicts / max(1, authors.decisions)
+        for m in methods.values():
+            m.close()
+        del methods
+
+    peaks: dict[str, int | None] = {}
+    memory_method = "not measured"
+    if memory:
+        peaks, memory_method = peak_memory_of_methods(base, batch, device)
+    light = None
+    if lightning and timing and lightning_variants:
+        light = time_lightning(
+            base, batch, device, lightning_iters or iters, max(2, warmup), variants=lightning_variants
+        )
+    return MainResult(timings, peaks, memory_method, grad_bytes(base), check, light, conflict_rate)
+
+
+def run_scaling(
+    spec: ModelSpec,
+    counts: Sequence[int],
+    batch_size: int,
+    device: torch.device,
+    iters: int,
+    warmup: int,
+    seed: int,
+) -> dict[int, dict[str, Timing]]:
+    """Interleaved timing of the three methods for each encoder count."""
+    out: dict[int, dict[str, Timing]] = {}
+    for k in counts:
+        base, batch = build_network_and_batch(spec, k, batch_size, device, seed)
+        methods = build_methods(base, batch)
+        out[k] = time_interleaved({n: m.step for n, m in methods.items()}, iters, warmup, device)
+        for m in methods.values():
+            m.close()
+        del methods, base, batch
+        gc.collect()
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="benchmarks/step_time.py",
+        description=(package_doc or "").split("\n\n")[0],
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--model",
+        choices=MODELS,
+        default=None,
+        help="default: resnet18 at CREMA-D shapes on CUDA, small-cnn on CPU",
+    )
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="timed steps per method (default: 50 CUDA; CPU: 150, 20 for resnet18)",
+    )
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default: 5 CPU, 10 CUDA)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 8 for wide-mlp, 64 otherwise")
+    p.add_argument("--main-encoders", type=int, default=2, help="encoders of the main table")
+    p.add_argument(
+        "--encoders",
+        type=int,
+        nargs="*",
+        default=None,
+        help="encoder counts of the scaling table; none: skip it (default: 2 3 4, none for resnet18 on CPU)",
+    )
+    p.add_argument("--scaling-iters", type=int, default=None, help="timed steps per method and count")
+    p.add_argument("--image-size", type=int, default=16, help="small-cnn input side")
+    p.add_argument("--width", type=int, default=16, help="small-cnn first convolution width")
+    p.add_argument("--mlp-width", type=int, default=2048, help="wide-mlp hidden width")
+    p.add_argument("--mlp-features", type=int, default=512, help="wide-mlp output features")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--no-lightning", action="store_true", help="skip the Trainer-driven measurement")
+    p.add_argument(
+        "--lightning-iters", type=int, default=None, help="timed Trainer steps per variant (default: --iters)"
+    )
+    p.add_argument(
+        "--lightning-variants",
+        nargs="+",
+        choices=list(LIGHTNING_VARIANTS),
+        default=list(DEFAULT_LIGHTNING_VARIANTS),
+        help="rows of the through-Lightning table (default: every one but callback-uniform)",
+    )
+    p.add_argument(
+        "--lightning-rounds",
+        type=int,
+        default=None,
+        help="ignored, kept for old command lines: the Trainers are now interleaved step by step",
+    )
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument(
+        "--memory-only", action="store_true", help="only the pre-check and the peak-memory pass (no timing)"
+    )
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time each phase of the three steps (forward, backwards, rule, optimizer step)",
+    )
+    p.add_argument(
+        "--memory-batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="also measure the peak memory of every method at each of these batch sizes",
+    )
+    p.add_argument("--markdown", type=str, default=None, help="also write the tables to this file")
+    return p.parse_args(argv)
+
+
+class _Report:
+    """Report lines, printed as soon as they are measured and kept for the Markdown file.
+
+    The file is rewritten after every section, so a run stopped by a time limit keeps what it measured.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.lines: list[str] = []
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+    def emit(self, *lines: str) -> None:
+        print("\n".join(lines), flush=True)
+        self.lines.extend(lines)
+        if self.path:
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.write(self.text)
+
+    def section(self, title: str, table: str) -> None:
+        self.emit("", f"## {title}", "", table)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """Run the benchmark, print the report and return it (Markdown)."""
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("--device cuda requested, but CUDA is not available.")
+    on_gpu = device.type == "cuda"
+    kind = args.model or ("resnet18" if on_gpu else "small-cnn")
+    heavy_on_cpu = kind == "resnet18" and not on_gpu
+    spec = ModelSpec(kind, args.image_size, args.width, args.mlp_width, args.mlp_features)
+    batch_size = args.batch_size or default_batch_size(kind)
+    iters = args.iters or (50 if on_gpu else 20 if heavy_on_cpu else 150)
+    warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 2 if heavy_on_cpu else 5)
+    scaling_iters = args.scaling_iters or max(5, iters // 2)
+    encoders = args.encoders if args.encoders is not None else ([] if heavy_on_cpu else [2, 3, 4])
+
+    info = machine_description(device)
+    info["load average at start"] = load_average()
+    report = _Report(args.markdown)
+    report.emit(
+        "# MMPareto step-time benchmark",
+        "",
+        f"command: `python benchmarks/step_time.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+        "machine: " + "; ".join(f"{k} {v}" for k, v in info.items()),
+        f"model: {kind} x {args.main_encoders} encoders ({spec.describe(args.main_encoders)}), "
+        f"batch {batch_size}, fp32, SGD momentum 0.9; "
+        + (
+            "memory only: peak of a training step per method, after warm-up"
+            if args.memory_only
+            else f"{warmup} warm-up + {iters} timed steps per method, interleaved"
+        )
+        + (
+            f"; the memory sweep uses batch sizes {' '.join(map(str, args.memory_batch_sizes))}"
+            if args.memory_batch_sizes
+            else ""
+        ),
+    )
+
+    result = run_main(
+        spec,
+        args.main_encoders,
+        batch_size,
+        device,
+        iters,
+        warmup,
+        args.seed,
+        lightning=not args.no_lightning,
+        # A batch-size sweep measures the memory itself; the main pass would repeat one of its points.
+        memory=not args.no_memory and not args.memory_batch_sizes,
+        timing=not args.memory_only,
+        lightning_iters=args.lightning_iters,
+        lightning_variants=args.lightning_variants,
+    )
+    report.emit("", format_check(result.check))
+    if args.memory_only:
+        if result.peaks:
+            report.section("Peak memory", format_memory_table(result) + "\n\n" + format_memory_note(result))
+    else:
+        target = CUDA_TARGETS.get(kind, CUDA_TARGET) if on_gpu else TARGETS[("cpu", kind)]
+        table = "\n".join(
+            [format_main_table(result), "", format_target(result, target), format_memory_note(result)]
+        )
+        report.section("Step time (plain PyTorch)", table)
+        if result.lightning is not None:
+            report.section(
+                f"Through Lightning ({len(next(iter(result.lightning.values())).times_ms)} steps per row, "
+                "interleaved step by step)",
+                format_lightning_table(result.lightning, result.timings),
+            )
+        if args.breakdown:
+            base, batch = build_network_and_batch(spec, args.main_encoders, batch_size, device, args.seed)
+            phases = time_phases(base, batch, iters, warmup, device)
+            del base, batch
+            report.section(
+                f"Where the time goes (medians of {iters} steps per method)", format_phase_table(phases)
+            )
+        if encoders:
+            scaling = run_scaling(
+                spec, encoders, batch_size, device, scaling_iters, max(2, warmup // 2), args.seed
+            )
+            report.section(
+                f"Scaling with the number of encoders ({kind}, {scaling_iters} timed steps per method)",
+                format_scaling_table(scaling),
+            )
+    if args.memory_batch_sizes:
+        points, memory_method = run_memory_sweep(
+            spec, args.main_encoders, args.memory_batch_sizes, device, args.seed
+        )
+        report.section(f"Peak memory by batch size ({kind})", format_memory_sweep(points, memory_method))
+    if not args.memory_only:
+        report.emit(
+            f"\nload average at the end: {load_average()} (load above the thread count means shared cores)"
+        )
+    return report.text
