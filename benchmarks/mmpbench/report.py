@@ -25,7 +25,6 @@ class MainResult:
     memory_method: str
     encoder_grad_bytes: int
     check: CheckResult
-    lightning: dict[str, Timing] | None
     authors_conflict_rate: float
 
 
