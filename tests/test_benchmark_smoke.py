@@ -136,6 +136,15 @@ def test_wide_mlp_through_the_entry_script(tmp_path: Path) -> None:
     assert "| phase |" in report and "## Scaling" not in report
 
 
+def test_profile_tables(bench: ModuleType) -> None:
+    report = bench.main([*TINY_CNN, "--profile", "mmpareto", "--lightning-iters", "2"])
+    assert "correctness pre-check PASSED" in report and "## Step time" not in report
+    assert re.search(r"### lightning mmpareto: median step \d+\.\d\d ms over 2 unprofiled steps", report)
+    functions = _rows(report, "| function (cProfile)")
+    assert any("mmpareto_lightning/callback.py" in name for name in functions)
+    assert _rows(report, "| tensor built-in (cProfile)") and _rows(report, "| operator (torch.profiler)")
+
+
 def test_wide_mlp_has_the_issue_sizes(bench: ModuleType) -> None:
     net = bench.models.ModelSpec("wide-mlp").build(2)
     sizes = {n: sum(p.numel() for p in ps) for n, ps in net.encoder_params().items()}

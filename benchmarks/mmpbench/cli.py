@@ -16,6 +16,7 @@ from .lightning_path import DEFAULT_LIGHTNING_VARIANTS, LIGHTNING_VARIANTS, time
 from .memory import grad_bytes, peak_memory_of_methods, run_memory_sweep
 from .methods import AuthorsStep, build_methods
 from .models import MODELS, ModelSpec, build_network_and_batch, default_batch_size
+from .profiling import profile_lightning
 from .report import (
     MainResult,
     format_lightning_table,
@@ -175,6 +176,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="also measure the peak memory of every method at each of these batch sizes",
     )
+    p.add_argument(
+        "--profile",
+        nargs="*",
+        choices=list(LIGHTNING_VARIANTS),
+        default=None,
+        metavar="VARIANT",
+        help="instead of the timing tables: profile these through-Lightning variants (cProfile functions,\n"
+        "torch.profiler operators; none named: uniform mmpareto), --lightning-iters steps per window\n"
+        "(default 10)",
+    )
     p.add_argument("--markdown", type=str, default=None, help="also write the tables to this file")
     return p.parse_args(argv)
 
@@ -270,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         + (
             "memory only: peak of a training step per method, after warm-up"
             if args.memory_only
+            else f"profiles of {args.lightning_iters or 10} steps per window"
+            if args.profile is not None
             else f"{warmup} warm-up + {iters} timed steps per method, interleaved"
         )
         + (
@@ -288,11 +301,17 @@ def main(argv: Sequence[str] | None = None) -> str:
         warmup,
         args.seed,
         # A batch-size sweep measures the memory itself; the main pass would repeat one of its points.
-        memory=not args.no_memory and not args.memory_batch_sizes,
-        timing=not args.memory_only,
+        memory=not args.no_memory and not args.memory_batch_sizes and args.profile is None,
+        timing=not args.memory_only and args.profile is None,
     )
     report.emit("", format_check(result.check))
     failure: Exception | None = None
+    if args.profile is not None:
+        base, batch = build_network_and_batch(spec, args.main_encoders, batch_size, device, args.seed)
+        for key in args.profile or ["uniform", "mmpareto"]:
+            profile = profile_lightning(base, batch, device, key, args.lightning_iters or 10)
+            report.section(f"Profile through Lightning ({kind}, batch {batch_size})", profile)
+        return report.text
     if args.memory_only:
         if result.peaks:
             report.section("Peak memory", format_memory_table(result) + "\n\n" + format_memory_note(result))

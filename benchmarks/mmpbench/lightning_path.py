@@ -240,6 +240,36 @@ class _Baton:
             raise RuntimeError("A Trainer of the through-Lightning benchmark ran another number of steps.")
 
 
+def make_trainer(
+    device: torch.device, batch: Mapping[str, Tensor], steps: int, callbacks: Sequence[Any]
+) -> tuple[Any, Any]:
+    """A quiet ``Trainer`` that runs ``steps`` training steps, and a loader repeating ``batch``."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, Dataset
+
+    class Repeat(Dataset):
+        def __len__(self) -> int:
+            return steps
+
+        def __getitem__(self, index: int) -> Mapping[str, Tensor]:
+            return batch
+
+    trainer = pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        max_steps=steps,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=list(callbacks),
+    )
+    return trainer, DataLoader(Repeat(), batch_size=None, shuffle=False, num_workers=0)
+
+
 def time_lightning(
     base: MultiEncoderNet,
     batch: Mapping[str, Tensor],
@@ -254,19 +284,6 @@ def time_lightning(
         row label -> the ``iters`` timed steps (after ``warmup`` untimed rounds, which also cover the
         first step's one-time graph checks and allocations).
     """
-    import lightning.pytorch as pl
-    from torch.utils.data import DataLoader, Dataset
-
-    class Repeat(Dataset):
-        def __init__(self, length: int) -> None:
-            self.length = length
-
-        def __len__(self) -> int:
-            return self.length
-
-        def __getitem__(self, index: int) -> Mapping[str, Tensor]:
-            return batch
-
     # One more step than is timed: the last on_train_batch_start closes the last timed step.
     steps = warmup + iters + 1
     batons: dict[str, _Baton] = {}
@@ -279,20 +296,7 @@ def time_lightning(
                 variant = LIGHTNING_VARIANTS[key]
                 module, callbacks = _lightning_modules(copy.deepcopy(base), variant)
                 baton = _Baton(device)
-                trainer = pl.Trainer(
-                    accelerator="gpu" if device.type == "cuda" else "cpu",
-                    devices=1,
-                    max_steps=steps,
-                    max_epochs=1,
-                    logger=False,
-                    enable_checkpointing=False,
-                    enable_progress_bar=False,
-                    enable_model_summary=False,
-                    num_sanity_val_steps=0,
-                    limit_val_batches=0,
-                    callbacks=[*callbacks, baton.callback],
-                )
-                loader = DataLoader(Repeat(steps), batch_size=None, shuffle=False, num_workers=0)
+                trainer, loader = make_trainer(device, batch, steps, [*callbacks, baton.callback])
                 thread = threading.Thread(target=baton.run, args=(trainer, module, loader), daemon=True)
                 batons[variant.label] = baton
                 threads.append(thread)
