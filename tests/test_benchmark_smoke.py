@@ -119,8 +119,8 @@ def test_wide_mlp_through_the_entry_script(tmp_path: Path) -> None:
     # go through every table: plain step, Lightning, breakdown, memory.
     out = tmp_path / "mlp.md"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), *TINY_MLP, "--threads", "1", "--encoders", "--breakdown",
-         "--lightning-variants", "uniform", "mmpareto", "authors", "--markdown", str(out)],
+        [sys.executable, str(SCRIPT), *TINY_MLP, "--threads", "1", "--clock", "cpu", "--encoders",
+         "--breakdown", "--lightning-variants", "uniform", "mmpareto", "authors", "--markdown", str(out)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -128,6 +128,7 @@ def test_wide_mlp_through_the_entry_script(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     report = out.read_text(encoding="utf-8")
     assert "model: wide-mlp x 2 encoders (audio 256, visual 384), batch 8" in report
+    assert "cpu clock" in report
     assert "correctness pre-check PASSED" in report
     assert "target: mmpareto <= 2.0x uniform" in report
     assert set(_rows(report, "| method | median ms")) == {"uniform", "mmpareto", "authors"}

@@ -30,7 +30,7 @@ from .report import (
     load_average,
     machine_description,
 )
-from .timing import Timing, time_interleaved, time_phases
+from .timing import Timing, time_interleaved, time_phases, use_clock
 
 # Step-time targets of the plain step (mmpareto / uniform): issue 9's, per regime and device.
 TARGETS = {("cpu", "small-cnn"): 1.7, ("cpu", "wide-mlp"): 2.0, ("cpu", "resnet18"): 1.7}
@@ -143,6 +143,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mlp-features", type=int, default=512, help="wide-mlp output features")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall-clock time, or the process's CPU time (CPU only; steadier on a shared machine,\n"
+        "meaningful with --threads 1: idle OpenMP threads spin and count)",
+    )
     p.add_argument("--no-lightning", action="store_true", help="skip the Trainer-driven measurement")
     p.add_argument(
         "--lightning-iters", type=int, default=None, help="timed Trainer steps per variant (default: --iters)"
@@ -257,6 +264,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise SystemExit("--device cuda requested, but CUDA is not available.")
     on_gpu = device.type == "cuda"
+    if args.clock == "cpu" and on_gpu:
+        raise SystemExit("--clock cpu measures host CPU time only; use the wall clock on CUDA.")
+    use_clock(args.clock)
     kind = args.model or ("resnet18" if on_gpu else "small-cnn")
     heavy_on_cpu = kind == "resnet18" and not on_gpu
     spec = ModelSpec(kind, args.image_size, args.width, args.mlp_width, args.mlp_features)
@@ -277,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         f"command: `python benchmarks/step_time.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
         "machine: " + "; ".join(f"{k} {v}" for k, v in info.items()),
         f"model: {kind} x {args.main_encoders} encoders ({spec.describe(args.main_encoders)}), "
-        f"batch {batch_size}, fp32, SGD momentum 0.9; "
+        f"batch {batch_size}, fp32, SGD momentum 0.9; {args.clock} clock; "
         + (
             "memory only: peak of a training step per method, after warm-up"
             if args.memory_only

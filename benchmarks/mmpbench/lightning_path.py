@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 
 from .methods import authors_update
 from .models import LABEL, MultiEncoderNet, make_optimizer
-from .timing import Timing, sync
+from .timing import Timing, now, sync
 
 
 @dataclass(frozen=True)
@@ -207,16 +206,16 @@ class _Baton:
 
     def reached_batch_start(self) -> None:
         sync(self.device)
-        now = time.perf_counter()
+        end = now()
         if self._start is not None:
-            self.times_ms.append((now - self._start) * 1e3)
+            self.times_ms.append((end - self._start) * 1e3)
         self.done.set()  # hands the baton back (the first time: "set up, ready")
         self.go.wait()
         self.go.clear()
         if self.abort:
             raise _Aborted("another variant failed")
         sync(self.device)
-        self._start = time.perf_counter()
+        self._start = now()
 
     def run(self, trainer: Any, module: Any, loader: Any) -> None:
         try:

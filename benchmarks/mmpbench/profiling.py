@@ -15,7 +15,6 @@ import cProfile
 import logging
 import pstats
 import statistics
-import time
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -25,7 +24,7 @@ from torch import Tensor
 
 from .lightning_path import LIGHTNING_VARIANTS, _lightning_modules, make_trainer
 from .models import MultiEncoderNet
-from .timing import sync
+from .timing import now, sync
 
 # Entry points outside the package whose cumulative time is worth a row (what they include differs:
 # in automatic optimization the optimizer step runs the closure, i.e. the forward and the backward).
@@ -55,7 +54,7 @@ class _Windows:
         sync(self.device)
         first, second, third = (self.warmup + k * self.steps for k in (1, 2, 3))
         if self.warmup <= index <= first:
-            self.stamps.append(time.perf_counter())
+            self.stamps.append(now())
         if index == first:
             self.cprofile.enable()
         elif index == second:
