@@ -1,8 +1,12 @@
-"""Smoke test of ``benchmarks/step_time.py`` on a tiny budget (no wall-clock thresholds: shared CI)."""
+"""Smoke tests of the step-time benchmark (``benchmarks/mmpbench``) on a tiny budget.
+
+No wall-clock thresholds: the machines that run the tests are shared, so only the shape of the report
+and the correctness pre-check are asserted.
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import math
 import os
 import re
@@ -16,19 +20,23 @@ import torch
 
 from mmpareto_lightning import RuleConfig
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "step_time.py"
+TINY_CNN = ["--device", "cpu", "--iters", "2", "--warmup", "1", "--batch-size", "4", "--image-size", "8",
+            "--width", "4"]  # fmt: skip
+TINY_MLP = ["--device", "cpu", "--model", "wide-mlp", "--mlp-width", "16", "--mlp-features", "8", "--iters",
+            "2", "--warmup", "1"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    # Loaded from its path: ``benchmarks`` is a folder of scripts, not an installed package. Registered
-    # in sys.modules first because dataclasses resolve their module while the file executes.
-    spec = importlib.util.spec_from_file_location("mmpareto_step_time", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    # ``benchmarks`` is a folder of scripts, not an installed package: its ``mmpbench`` package is
+    # imported from there, as the entry script does.
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module("mmpbench")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def _rows(report: str, header_start: str) -> dict[str, list[str]]:
@@ -44,15 +52,33 @@ def _rows(report: str, header_start: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_report_has_three_methods_and_passing_check(bench: ModuleType, tmp_path: Path) -> None:
+def _assert_ratio_cells(cells: list[str]) -> None:
+    """``<ratio of medians>x`` and ``<median>x [<q1>-<q3>]`` with q1 <= median <= q3."""
+    assert re.fullmatch(r"\d+\.\d\dx", cells[0])
+    paired = re.fullmatch(r"(\d+\.\d\d)x \[(\d+\.\d\d)-(\d+\.\d\d)\]", cells[1])
+    assert paired is not None
+    low, mid, high = float(paired[2]), float(paired[1]), float(paired[3])
+    assert 0 < low <= mid <= high
+
+
+def _assert_phase_table(bench: ModuleType, report: str) -> None:
+    phases = _rows(report, "| phase |")
+    names = bench.timing.PHASES
+    assert set(phases) == {*names, "sum of the medians"}
+    for phase in names:
+        uniform_ms, ours_ms, authors_ms = phases[phase]
+        assert float(ours_ms) > 0 and float(authors_ms) > 0
+        # The uniform step has no extra backward and no rule.
+        assert (uniform_ms == "-") == (phase in (names[1], names[3]))
+    uniform_sum = sum(float(phases[p][0]) for p in names if phases[p][0] != "-")
+    assert float(phases["sum of the medians"][0]) == pytest.approx(uniform_sum, abs=0.02)
+
+
+def test_report_has_every_table_and_passing_check(bench: ModuleType, tmp_path: Path) -> None:
     out = tmp_path / "bench.md"
     report = bench.main(
-        [
-            "--device", "cpu", "--iters", "2", "--warmup", "1", "--batch-size", "4", "--image-size", "8",
-            "--width", "4", "--encoders", "2", "3", "--scaling-iters", "1", "--lightning-rounds", "1",
-            "--breakdown", "--markdown", str(out),
-        ]
-    )  # fmt: skip
+        [*TINY_CNN, "--encoders", "2", "3", "--scaling-iters", "1", "--breakdown", "--markdown", str(out)]
+    )
     assert out.read_text(encoding="utf-8") == report
     assert "correctness pre-check PASSED" in report
 
@@ -61,11 +87,7 @@ def test_report_has_three_methods_and_passing_check(bench: ModuleType, tmp_path:
     for cells in main.values():
         median, iqr = float(cells[0]), float(cells[1])
         assert math.isfinite(median) and median > 0 and iqr >= 0
-        assert re.fullmatch(r"\d+\.\d\dx", cells[2])
-        paired = re.fullmatch(r"(\d+\.\d\d)x \[(\d+\.\d\d)-(\d+\.\d\d)\]", cells[3])
-        assert paired is not None
-        low, mid, high = float(paired[2]), float(paired[1]), float(paired[3])
-        assert 0 < low <= mid <= high
+        _assert_ratio_cells(cells[2:4])
         assert cells[4] == "n/a" or float(cells[4]) > 0  # n/a only if torch's private MemTracker is missing
     assert main["uniform"][2] == "1.00x" and main["uniform"][3] == "1.00x [1.00-1.00]"
     assert re.search(
@@ -73,17 +95,17 @@ def test_report_has_three_methods_and_passing_check(bench: ModuleType, tmp_path:
     )
 
     lightning = _rows(report, "| method (through Lightning Trainer)")
-    assert set(lightning) == {"lightning uniform", "lightning mmpareto"}
-    assert all(float(c[0]) > 0 for c in lightning.values())
+    variants = bench.lightning_path.LIGHTNING_VARIANTS
+    expected = {variants[k].label for k in bench.lightning_path.DEFAULT_LIGHTNING_VARIANTS}
+    assert set(lightning) == expected
+    assert {"lightning uniform", "lightning mmpareto", "lightning authors"} <= expected
+    for cells in lightning.values():
+        assert float(cells[0]) > 0
+        _assert_ratio_cells(cells[2:4])
+        assert math.isfinite(float(cells[4]))  # overhead against the plain step the row drives
+    assert lightning["lightning uniform"][3] == "1.00x [1.00-1.00]"
 
-    phases = _rows(report, "| phase |")
-    assert set(phases) == {*bench.PHASES, "sum of the medians"}
-    for phase in bench.PHASES:
-        uniform_ms, ours_ms = phases[phase]
-        assert float(ours_ms) > 0
-        assert (uniform_ms == "-") == (phase in (bench.PHASES[1], bench.PHASES[3]))
-    uniform_sum = sum(float(phases[p][0]) for p in bench.PHASES if phases[p][0] != "-")
-    assert float(phases["sum of the medians"][0]) == pytest.approx(uniform_sum, abs=0.02)
+    _assert_phase_table(bench, report)
 
     scaling = _rows(report, "| encoders |")
     assert set(scaling) == {"2", "3"}
@@ -92,23 +114,82 @@ def test_report_has_three_methods_and_passing_check(bench: ModuleType, tmp_path:
         assert all(re.fullmatch(r"\d+\.\d\dx", c) for c in cells[3:])
 
 
+def test_wide_mlp_through_the_entry_script(tmp_path: Path) -> None:
+    # The thin script must find its package when run from anywhere, and the parameter-heavy model must
+    # go through every table: plain step, Lightning, breakdown, memory.
+    out = tmp_path / "mlp.md"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *TINY_MLP, "--threads", "1", "--clock", "cpu", "--encoders",
+         "--breakdown", "--lightning-variants", "uniform", "mmpareto", "authors", "--markdown", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = out.read_text(encoding="utf-8")
+    assert "model: wide-mlp x 2 encoders (audio 256, visual 384), batch 8" in report
+    assert "cpu clock" in report
+    assert "correctness pre-check PASSED" in report
+    assert "target: mmpareto <= 2.0x uniform" in report
+    assert set(_rows(report, "| method | median ms")) == {"uniform", "mmpareto", "authors"}
+    lightning = _rows(report, "| method (through Lightning Trainer)")
+    assert set(lightning) == {"lightning uniform", "lightning mmpareto", "lightning authors"}
+    assert "| phase |" in report and "## Scaling" not in report
+
+
+def test_profile_tables(bench: ModuleType) -> None:
+    report = bench.main([*TINY_CNN, "--profile", "mmpareto", "--lightning-iters", "2"])
+    assert "correctness pre-check PASSED" in report and "## Step time" not in report
+    assert re.search(r"### lightning mmpareto: median step \d+\.\d\d ms over 2 unprofiled steps", report)
+    functions = _rows(report, "| function (cProfile)")
+    assert any("mmpareto_lightning/callback.py" in name for name in functions)
+    assert _rows(report, "| tensor built-in (cProfile)") and _rows(report, "| operator (torch.profiler)")
+
+
+def test_wide_mlp_has_the_issue_sizes(bench: ModuleType) -> None:
+    net = bench.models.ModelSpec("wide-mlp").build(2)
+    sizes = {n: sum(p.numel() for p in ps) for n, ps in net.encoder_params().items()}
+    # audio 256 -> 2048 -> 2048 -> 512, visual 384 -> 2048 -> 2048 -> 512 (weights and biases).
+    assert sizes == {"audio": 5_771_776, "visual": 6_033_920}
+    assert bench.models.default_batch_size("wide-mlp") == 8
+    assert bench.models.default_batch_size("small-cnn") == 64
+
+
 def test_paired_ratios_are_per_round(bench: ModuleType) -> None:
     # Round-by-round ratios: a slow phase that hits both methods in the same round cancels out.
-    base = bench.Timing("uniform", [10.0, 20.0, 10.0, 40.0, 10.0])
-    ours = bench.Timing("mmpareto", [15.0, 30.0, 16.0, 60.0, 14.0])
-    median, q1, q3 = bench.paired_ratios(ours, base)
+    timing = bench.timing
+    base = timing.Timing("uniform", [10.0, 20.0, 10.0, 40.0, 10.0])
+    ours = timing.Timing("mmpareto", [15.0, 30.0, 16.0, 60.0, 14.0])
+    median, q1, q3 = timing.paired_ratios(ours, base)
     assert median == pytest.approx(1.5)
     assert (q1, q3) == (pytest.approx(1.5), pytest.approx(1.5))
     assert ours.median / base.median == pytest.approx(1.6)  # the ratio of medians mixes rounds
     with pytest.raises(ValueError):
-        bench.paired_ratios(bench.Timing("short", [1.0]), base)
+        timing.paired_ratios(timing.Timing("short", [1.0]), base)
+
+
+def test_lightning_variants_are_interleaved_and_failures_surface(
+    bench: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lp = bench.lightning_path
+    spec = bench.models.ModelSpec("small-cnn", image_size=8, width=4)
+    base, batch = bench.models.build_network_and_batch(spec, 2, 4, torch.device("cpu"), 0)
+    timings = lp.time_lightning(base, batch, torch.device("cpu"), iters=3, warmup=1, variants=["uniform"])
+    assert list(timings) == ["lightning uniform"] and len(timings["lightning uniform"].times_ms) == 3
+
+    # A Trainer that fails mid-run (here at its first training step) ends the measurement with its
+    # error instead of leaving the other threads waiting for their turn.
+    broken = lp.LightningVariant("broken", "callback", "mmpareto", {"multimodal_key": "no-such-loss"})
+    monkeypatch.setitem(lp.LIGHTNING_VARIANTS, "broken", broken)
+    with pytest.raises(RuntimeError, match="failed"):
+        lp.time_lightning(base, batch, torch.device("cpu"), iters=2, warmup=1, variants=["uniform", "broken"])
 
 
 def test_memory_sweep_reports_every_batch_size(bench: ModuleType) -> None:
-    spec = bench.ModelSpec("small-cnn", image_size=8, width=4)
-    points, how = bench.run_memory_sweep(spec, 2, [2, 4], torch.device("cpu"), seed=0)
+    spec = bench.models.ModelSpec("small-cnn", image_size=8, width=4)
+    points, how = bench.memory.run_memory_sweep(spec, 2, [2, 4], torch.device("cpu"), seed=0)
     assert [p.batch_size for p in points] == [2, 4]
-    table = bench.format_memory_sweep(points, how)
+    table = bench.report.format_memory_sweep(points, how)
     rows = _rows(table, "| batch |")
     assert set(rows) == {"2", "4"}
     if "MemTracker" in how and "unavailable" not in how and "failed" not in how:
@@ -121,35 +202,33 @@ def test_memory_sweep_reports_every_batch_size(bench: ModuleType) -> None:
 
 
 def test_precheck_catches_a_wrong_engine(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = bench.ModelSpec("small-cnn", image_size=8, width=4)
+    spec = bench.models.ModelSpec("wide-mlp", mlp_width=8, mlp_features=4)
     torch.manual_seed(0)
     base = spec.build(2)
-    batch = bench.make_batch(spec, list(base.encoders), 4, torch.device("cpu"), 0)
-    assert bench.check_correctness(base, batch).passed
+    batch = bench.models.make_batch(spec, list(base.encoders), 4, torch.device("cpu"), 0)
+    assert bench.check.check_correctness(base, batch).passed
 
-    class WrongEngine(bench.EngineStep):  # type: ignore[name-defined,misc]
+    class WrongEngine(bench.methods.EngineStep):  # type: ignore[name-defined,misc]
         def __init__(self, net: torch.nn.Module, b: dict[str, torch.Tensor]) -> None:
             super().__init__(net, b, RuleConfig(strategy="uniform"))  # not the authors' rule
 
-    monkeypatch.setattr(bench, "EngineStep", WrongEngine)
-    check = bench.check_correctness(base, batch)
+    monkeypatch.setattr(bench.methods, "EngineStep", WrongEngine)
+    check = bench.check.check_correctness(base, batch)
     assert not check.passed
     assert all(e > 1e-3 for e in check.engine_error.values())
     with pytest.raises(AssertionError, match="pre-check failed"):
-        bench.run_main(
-            spec, 2, 4, torch.device("cpu"), iters=1, warmup=0, seed=0, lightning=False, memory=False
-        )
+        bench.cli.run_main(spec, 2, 4, torch.device("cpu"), iters=1, warmup=0, seed=0, memory=False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs every CUDA check")
 def test_gpu_checks_script_stops_clearly_without_cuda(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     out = subprocess.run(
-        ["bash", str(SCRIPT.parent / "gpu_checks.sh"), str(tmp_path / "out")],
+        ["bash", str(BENCHMARKS / "gpu_checks.sh"), str(tmp_path / "out")],
         capture_output=True,
         text=True,
         env=env,
-        cwd=SCRIPT.parents[1],
+        cwd=BENCHMARKS.parent,
     )
     assert out.returncode == 1
     assert "no CUDA device: nothing to check" in out.stderr
