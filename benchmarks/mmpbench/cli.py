@@ -159,7 +159,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=list(LIGHTNING_VARIANTS),
         default=list(DEFAULT_LIGHTNING_VARIANTS),
-        help="rows of the through-Lightning table (default: every one but callback-uniform)",
+        help="rows of the through-Lightning table (default: every one)",
     )
     p.add_argument(
         "--lightning-rounds",

@@ -74,13 +74,13 @@ LIGHTNING_VARIANTS: dict[str, LightningVariant] = {
     ),
     "manual-engine": LightningVariant("lightning manual engine, no callback", "manual-engine", "mmpareto"),
     "authors": LightningVariant("lightning authors", "authors", "authors"),
-    # ---- Reserved: cheap baselines through the callback. -------------------------------------------
-    # `MMParetoCallback(strategy="uniform")` is the one-argument ablation switch; today it still splits
-    # the gradients (extra encoder backward + rule with uniform weights), so it is opt-in and compared
-    # with the plain uniform step. When the callback gains a cheap path for the baselines (one ordinary
-    # backward), this row is where it is timed side by side with "lightning uniform".
+    # The cheap baseline through the callback: the one-argument ablation switch with diagnostics off
+    # runs one ordinary backward, timed side by side with "lightning uniform".
     "callback-uniform": LightningVariant(
-        "lightning callback, strategy=uniform", "callback", "uniform", {"strategy": "uniform"}
+        "lightning callback, strategy=uniform, diagnostics=False",
+        "callback",
+        "uniform",
+        {"strategy": "uniform", "diagnostics": False},
     ),
 }
 DEFAULT_LIGHTNING_VARIANTS = (
@@ -91,6 +91,7 @@ DEFAULT_LIGHTNING_VARIANTS = (
     "bare-callback",
     "manual-engine",
     "authors",
+    "callback-uniform",
 )
 
 

@@ -72,19 +72,9 @@ class EngineStep(Method):
         self.engine.integrate()
         self.optimizer.step()
 
-    def persistent_tensors(self) -> list[Tensor]:
-        # Reaches into the splitter's buffers so the CPU tracker counts them; getattr keeps the memory
-        # pass working if the engine's internals change (the peak is then merely less complete).
-        splitter = getattr(self.engine, "splitter", None)
-        layouts = getattr(splitter, "layouts", {}).values()
-        extra = getattr(splitter, "extra_buffer", None)
-        return [
-            *(layout.grads[1] for layout in layouts if getattr(layout, "grads", None)),
-            *([extra] if extra is not None else []),
-        ]
-
-    def close(self) -> None:
-        self.engine.remove_hooks()
+    # The engine keeps no gradient buffer between steps (the per-loss gradients live from the extra
+    # backward to the rule), and its forward hooks exist only inside capture(): the base class's
+    # persistent_tensors() and close() apply.
 
 
 def _authors_min_norm_2(vecs: Sequence[Sequence[Tensor]]) -> tuple[float, float]:
