@@ -155,9 +155,13 @@ def weighted_sum(
     if out is not None and _multi_tensor(lists[0][0].device):
         spans = [_flat_span(lst) for lst in [*(lists[i] for i in order), list(out)]]
         if all(span is not None for span in spans):
-            _write_spans(spans, coefficients[order], [t.numel() for t in lists[0]])  # type: ignore[arg-type]
+            # Rows picked by integer indexing: indexing with a list would copy the list to the device.
+            rows = torch.stack([coefficients[i] for i in order])
+            _write_spans(spans, rows, [t.numel() for t in lists[0]])  # type: ignore[arg-type]
             return list(out)
     scalars = [list(row.unbind()) for row in coefficients]
+    if _multi_tensor(lists[0][0].device):
+        return _weighted_sum_per_tensor(lists, scalars, order, out, aliased)
     target: list[Tensor | None] = list(out) if out is not None else [None] * n
     touched = [*lists, *([] if out is None else [list(out)])]
     blocks = {t for t in range(n) if lists[0][t].numel() > PIECE and _blockwise([lst[t] for lst in touched])}
@@ -188,6 +192,33 @@ def weighted_sum(
             for i, p in zip(order[1:], piece[1:], strict=True):
                 dest_piece.addcmul_(p, scalars[i][t])
     return target  # type: ignore[return-value]
+
+
+def _weighted_sum_per_tensor(
+    lists: list[list[Tensor]],
+    scalars: list[list[Tensor]],
+    order: list[int],
+    out: Sequence[Tensor] | None,
+    aliased: list[int],
+) -> list[Tensor]:
+    """The write on accelerators, with per-tensor 0-d coefficient tensors that stay on the device.
+
+    Python's ``torch._foreach_mul_(tensors, [0-d tensors])`` binds the coefficients as a list of
+    *scalars* and reads each one back to the host (a synchronisation per tensor); the explicit
+    ``.List`` overload keeps them tensors (one kernel per tensor, no synchronisation).
+    """
+    first = order[0]
+    if out is None:
+        dest = torch.ops.aten._foreach_mul.List(lists[first], scalars[first])
+    else:
+        dest = list(out)
+        if not aliased:
+            torch._foreach_copy_(dest, lists[first])
+        torch.ops.aten._foreach_mul_.List(dest, scalars[first])
+    for i in order[1:]:
+        # tensor2 of addcmul is always a tensor list: no read-back here.
+        torch._foreach_addcmul_(dest, lists[i], scalars[i])
+    return dest
 
 
 def _flat_span(tensors: Sequence[Tensor]) -> Tensor | None:

@@ -14,7 +14,7 @@ import torch
 from _models import MultiModalNet, make_loader, trainer_kwargs
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mmpareto_lightning import MMParetoCallback, MMParetoEngine, RuleConfig
+from mmpareto_lightning import MMParetoCallback, MMParetoEngine, RuleConfig, passes
 
 HOST_READS = {
     "aten::_local_scalar_dense",  # .item(), bool(t), float(t), int(t), indexing with a 0-d tensor
@@ -30,9 +30,11 @@ class RecordOps(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[str] = []
+        self.overloads: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(func._schema.name)
+        self.overloads.append(str(func))
         return func(*args, **(kwargs or {}))
 
 
@@ -47,7 +49,13 @@ class RecordOps(TorchDispatchMode):
         (2, False, "multimodal_only", "per_tensor"),
     ],
 )
-def test_engine_step_has_no_host_synchronisation(n, extra_loss, strategy, rescale) -> None:
+@pytest.mark.parametrize("multi_tensor", [False, True], ids=["cpu-path", "accelerator-path"])
+def test_engine_step_has_no_host_synchronisation(
+    n, extra_loss, strategy, rescale, multi_tensor, monkeypatch
+) -> None:
+    # The accelerator path of the rule (multi-tensor kernels) is forced on CPU too: a GPU would
+    # otherwise be the only place its host reads could show.
+    monkeypatch.setattr(passes, "_multi_tensor", lambda device: multi_tensor)
     model = MultiModalNet(n=n, extra_loss=extra_loss)
     engine = MMParetoEngine(model.mmpareto_encoders(), RuleConfig(strategy=strategy, rescale=rescale))
     batches = iter(make_loader(n, size=64))
@@ -64,9 +72,13 @@ def test_engine_step_has_no_host_synchronisation(n, extra_loss, strategy, rescal
         engine.backward(losses)
         engine.integrate()
     assert recorder.ops, "the recorder saw nothing: the test would pass vacuously"
-    assert "aten::dot" in recorder.ops
+    assert ("aten::_foreach_powsum" if multi_tensor else "aten::dot") in recorder.ops
     found = sorted(set(recorder.ops) & HOST_READS)
     assert not found, f"host synchronisation in the step: {found}"
+    # A list of 0-d tensors bound as a *scalar* list is read back element by element, which CPU
+    # tensors do without a visible operator: the overload itself gives it away.
+    scalar_lists = sorted({o for o in recorder.overloads if o.endswith(".ScalarList")})
+    assert not multi_tensor or not scalar_lists, f"per-tensor host reads on an accelerator: {scalar_lists}"
 
 
 def test_the_recorder_catches_an_item_call() -> None:
