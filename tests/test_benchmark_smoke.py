@@ -217,7 +217,7 @@ def test_precheck_catches_a_wrong_engine(bench: ModuleType, monkeypatch: pytest.
     assert not check.passed
     assert all(e > 1e-3 for e in check.engine_error.values())
     with pytest.raises(AssertionError, match="pre-check failed"):
-        bench.cli.run_main(spec, 2, 4, torch.device("cpu"), iters=1, warmup=0, seed=0, memory=False)
+        bench.runs.run_main(spec, 2, 4, torch.device("cpu"), iters=1, warmup=0, seed=0, memory=False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs every CUDA check")

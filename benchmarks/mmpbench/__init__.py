@@ -20,6 +20,8 @@ Modules, one concept each:
 * :mod:`.lightning_path`: the same steps through a ``Trainer`` (and the callback's parts), interleaved.
 * :mod:`.memory`: peak memory of a step (CUDA allocator, or PyTorch's ``MemTracker`` on CPU).
 * :mod:`.report`: Markdown tables.
+* :mod:`.runs`: the main and the scaling measurements (pre-check, timing, memory).
+* :mod:`.profiling`: ``--profile``, where a step through the Trainer spends its time.
 * :mod:`.cli`: the flags and the order of the measurements.
 """
 

@@ -11,10 +11,9 @@ from collections.abc import Sequence
 import torch
 
 from . import __doc__ as package_doc
-from .check import AUTHORS_TOLERANCE, CHECK_TOLERANCE, check_correctness, format_check
+from .check import format_check
 from .lightning_path import DEFAULT_LIGHTNING_VARIANTS, LIGHTNING_VARIANTS, time_lightning
-from .memory import grad_bytes, peak_memory_of_methods, run_memory_sweep
-from .methods import AuthorsStep, build_methods
+from .memory import run_memory_sweep
 from .models import MODELS, ModelSpec, build_network_and_batch, default_batch_size
 from .profiling import profile_lightning
 from .report import (
@@ -30,79 +29,13 @@ from .report import (
     load_average,
     machine_description,
 )
-from .timing import Timing, time_interleaved, time_phases, use_clock
+from .runs import run_main, run_scaling
+from .timing import time_phases, use_clock
 
 # Step-time targets of the plain step (mmpareto / uniform): issue 9's, per regime and device.
 TARGETS = {("cpu", "small-cnn"): 1.7, ("cpu", "wide-mlp"): 2.0, ("cpu", "resnet18"): 1.7}
 CUDA_TARGETS = {"wide-mlp": 2.0}
 CUDA_TARGET = 1.75  # CREMA-D shapes, batch 64 (floor measured on an H100: 1.62x)
-
-
-def run_main(
-    spec: ModelSpec,
-    n_encoders: int,
-    batch_size: int,
-    device: torch.device,
-    iters: int,
-    warmup: int,
-    seed: int,
-    memory: bool = True,
-    timing: bool = True,
-) -> MainResult:
-    """Correctness pre-check, interleaved timing of the plain steps and peak memory.
-
-    With ``timing=False`` only the pre-check and the memory pass run (e.g. ResNet-18 shapes on a CPU).
-    """
-    base, batch = build_network_and_batch(spec, n_encoders, batch_size, device, seed)
-    check = check_correctness(base, batch)
-    if not check.passed:
-        raise AssertionError(
-            f"Correctness pre-check failed (tolerance {CHECK_TOLERANCE} for the engine, "
-            f"{AUTHORS_TOLERANCE} for the authors' re-creation): engine {check.engine_error}, "
-            f"authors {check.authors_error}. "
-            "Refusing to time a wrong computation."
-        )
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
-    timings: dict[str, Timing] = {}
-    conflict_rate = float("nan")
-    if timing:
-        methods = build_methods(base, batch)
-        timings = time_interleaved({n: m.step for n, m in methods.items()}, iters, warmup, device)
-        authors = methods["authors"]
-        assert isinstance(authors, AuthorsStep)
-        conflict_rate = authors.conflicts / max(1, authors.decisions)
-        for m in methods.values():
-            m.close()
-        del methods
-
-    peaks: dict[str, int | None] = {}
-    memory_method = "not measured"
-    if memory:
-        peaks, memory_method = peak_memory_of_methods(base, batch, device)
-    return MainResult(timings, peaks, memory_method, grad_bytes(base), check, conflict_rate)
-
-
-def run_scaling(
-    spec: ModelSpec,
-    counts: Sequence[int],
-    batch_size: int,
-    device: torch.device,
-    iters: int,
-    warmup: int,
-    seed: int,
-) -> dict[int, dict[str, Timing]]:
-    """Interleaved timing of the three methods for each encoder count."""
-    out: dict[int, dict[str, Timing]] = {}
-    for k in counts:
-        base, batch = build_network_and_batch(spec, k, batch_size, device, seed)
-        methods = build_methods(base, batch)
-        out[k] = time_interleaved({n: m.step for n, m in methods.items()}, iters, warmup, device)
-        for m in methods.values():
-            m.close()
-        del methods, base, batch
-        gc.collect()
-    return out
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
