@@ -27,7 +27,7 @@ run wide-mlp python benchmarks/step_time.py --device cuda --model wide-mlp --bre
     --markdown "$out/cuda_wide_mlp.md"
 # ResNet-18: the Lightning rows that compare methods (the callback's parts are read off the MLP run).
 run resnet18 python benchmarks/step_time.py --device cuda --breakdown \
-    --lightning-variants uniform mmpareto manual-engine authors --markdown "$out/cuda.md"
+    --lightning-variants uniform mmpareto manual-engine authors callback-uniform --markdown "$out/cuda.md"
 run memory python benchmarks/step_time.py --device cuda --memory-only --memory-batch-sizes 16 32 64 \
     --markdown "$out/cuda_memory.md"
 exit $status
