@@ -32,6 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+# Run as a script, this folder is on sys.path: the step-time benchmark's package is importable.
+from mmpbench.models import resnet18_encoder, wide_mlp_encoder
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -53,24 +56,11 @@ def tiny_cnn(in_channels: int) -> nn.Module:
     )
 
 
-def wide_mlp(in_features: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(in_features, 2048), nn.Linear(2048, 2048), nn.Linear(2048, 512))
-
-
-def resnet18(in_channels: int) -> nn.Module:
-    from torchvision.models import resnet18 as build
-
-    net = build(weights=None)
-    if in_channels != 3:
-        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    net.fc = nn.Identity()
-    return net
-
-
+# The step-time benchmark's encoders (the same parameter shapes in both benchmarks).
 MODELS: dict[str, Callable[[], list[nn.Module]]] = {
     "tiny-cnn": lambda: [tiny_cnn(1), tiny_cnn(3)],
-    "wide-mlp": lambda: [wide_mlp(256), wide_mlp(384)],
-    "resnet18": lambda: [resnet18(1), resnet18(3)],
+    "wide-mlp": lambda: [wide_mlp_encoder(256), wide_mlp_encoder(384)],
+    "resnet18": lambda: [resnet18_encoder(1), resnet18_encoder(3)],
 }
 
 
