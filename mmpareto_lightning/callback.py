@@ -9,13 +9,14 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import Metric
 
 from mmpareto_lightning.engine import MMParetoEngine
+from mmpareto_lightning.fit_checks import check_trainer, validated_encoders
 from mmpareto_lightning.metrics import MMParetoMetrics
 from mmpareto_lightning.module import MMParetoModule, attach_driver, detach_driver, ensure_wrapped
 from mmpareto_lightning.rule import RESCALE_MODES, STRATEGIES, RuleConfig, RuleStats
@@ -23,10 +24,6 @@ from mmpareto_lightning.splitting import GradientSplittingError
 from mmpareto_lightning.stepping import OptimizationBookkeeping
 
 __all__ = ["MMParetoCallback"]
-
-_SUPPORTED_STRATEGIES = (
-    "single-device (CPU, one GPU) and DDP (`ddp`, `ddp_spawn`, `ddp_find_unused_parameters_true`)"
-)
 
 
 class MMParetoCallback(Callback):
@@ -193,14 +190,14 @@ class MMParetoCallback(Callback):
                 f"MMParetoCallback needs an MMParetoModule, got {type(pl_module).__name__}. Subclass "
                 "`mmpareto_lightning.MMParetoModule` instead of `LightningModule`."
             )
-        _check_trainer(trainer, pl_module)
+        check_trainer(trainer, pl_module, MMParetoCallback)
         ensure_wrapped(type(pl_module))
         if "training_step" in vars(pl_module):
             raise MisconfigurationException(
                 f"`training_step` was assigned to this {type(pl_module).__name__} instance; MMPareto wraps "
                 "methods of the class. Define `training_step` as a method (or assign it to the class)."
             )
-        encoders = _validated_encoders(pl_module)
+        encoders = validated_encoders(pl_module)
         try:
             self._engine = MMParetoEngine(
                 encoders,
@@ -495,81 +492,6 @@ class MMParetoCallback(Callback):
     def totals(self) -> dict[str, dict[str, int]]:
         """Cumulative ``conflicts`` and ``stationary`` counts per encoder (reads the device)."""
         return self.state_dict()["totals"]
-
-
-def _check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Refuse, at the start of a fit, what the split cannot serve."""
-    mine = [c for c in trainer.callbacks if isinstance(c, MMParetoCallback)]
-    if len(mine) > 1:
-        raise MisconfigurationException(
-            f"The Trainer has {len(mine)} MMParetoCallbacks; MMPareto needs exactly one (each would run "
-            "the update and step the schedulers). Keep one."
-        )
-    strategy = trainer.strategy
-    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or type(strategy).__name__ in (
-        "DeepSpeedStrategy",
-    ):
-        raise MisconfigurationException(
-            f"MMPareto does not support the {type(strategy).__name__} strategy: sharded or model-parallel "
-            "training (FSDP, DeepSpeed, ModelParallelStrategy) keeps no whole per-loss encoder gradient to "
-            f"integrate. Supported: {_SUPPORTED_STRATEGIES}."
-        )
-    if isinstance(strategy, DDPStrategy) and strategy._ddp_kwargs.get("static_graph"):
-        raise MisconfigurationException(
-            "DDP with `static_graph=True` is not supported by MMPareto; use "
-            "`DDPStrategy(static_graph=False)` (the default)."
-        )
-    if getattr(pl_module, "_compiler_ctx", None):
-        raise MisconfigurationException(
-            f"{type(pl_module).__name__} was compiled as a whole with `torch.compile`, which hides the "
-            "encoders' outputs from MMPareto's capture. Compile the encoders and heads instead "
-            "(e.g. `self.audio_net = torch.compile(self.audio_net)`), not the LightningModule."
-        )
-
-
-def _validated_encoders(pl_module: MMParetoModule) -> dict[str, nn.Module]:
-    encoders = pl_module.mmpareto_encoders()
-    if isinstance(encoders, nn.ModuleDict):
-        encoders = dict(encoders.items())
-    if not isinstance(encoders, Mapping) or not encoders:
-        raise MisconfigurationException(
-            f"{type(pl_module).__name__}.mmpareto_encoders() must return a non-empty dict (or nn.ModuleDict) "
-            f"of name -> encoder submodule, got {encoders!r}."
-        )
-    module_names: dict[int, list[str]] = {}
-    for mod_name, mod in pl_module.named_modules(remove_duplicate=False):
-        module_names.setdefault(id(mod), []).append(mod_name)
-    prefixes: dict[str, list[str]] = {}
-    for name, encoder in encoders.items():
-        if not isinstance(name, str) or not name:
-            raise MisconfigurationException(f"Encoder names must be non-empty strings, got {name!r}.")
-        if not isinstance(encoder, nn.Module):
-            raise MisconfigurationException(
-                f"Encoder {name!r} must be an nn.Module, got {type(encoder).__name__}."
-            )
-        if id(encoder) not in module_names or encoder is pl_module:
-            raise MisconfigurationException(
-                f"Encoder {name!r} ({type(encoder).__name__}) is not a submodule of "
-                f"{type(pl_module).__name__}: assign it as an attribute in `__init__`."
-            )
-        prefixes[name] = [p + "." for p in module_names[id(encoder)]]
-
-    owners: dict[int, set[str | None]] = {}
-    where: dict[int, list[str]] = {}
-    for param_name, param in pl_module.named_parameters(remove_duplicate=False):
-        owner = next((n for n, pre in prefixes.items() if any(param_name.startswith(p) for p in pre)), None)
-        owners.setdefault(id(param), set()).add(owner)
-        where.setdefault(id(param), []).append(param_name)
-    for pid, names in owners.items():
-        if len(names) > 1:
-            encoders_in = sorted(n for n in names if n is not None)
-            raise MisconfigurationException(
-                f"Parameter {where[pid]} is shared by encoder(s) {encoders_in}"
-                + (" and a non-encoder module (head or fusion)" if None in names else "")
-                + ". Encoders must own their parameters: untie the weights or make the shared module part "
-                "of one encoder only."
-            )
-    return dict(encoders)
 
 
 def _mean_across_ranks(trainer: pl.Trainer) -> Any:

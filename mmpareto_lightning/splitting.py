@@ -28,8 +28,8 @@ Nothing here knows Lightning: ``backward_fn`` and ``scale_fn`` let the caller pl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -37,16 +37,13 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from mmpareto_lightning.capture import OutputCapture
+from mmpareto_lightning.safeguards import GradientSplittingError, buffers_kept, check_graph
 
 __all__ = ["RESERVED_LOSS_KEYS", "EncoderObjectives", "GradientSplitter", "GradientSplittingError"]
 
 # "loss" is what Lightning users return for automatic optimization; here it would be one more objective
 # (counting the others twice when it is their sum), so it is refused.
 RESERVED_LOSS_KEYS: tuple[str, ...] = ("loss",)
-
-
-class GradientSplittingError(ValueError):
-    """The losses or the encoders do not allow an exact per-objective split of the gradients."""
 
 
 @dataclass
@@ -250,9 +247,9 @@ class GradientSplitter:
         if new_window:
             self.layouts = {}
         step_layouts = self._assign_objectives(present, names, cot, owner, new_window)
-        self._check_graph(losses, outputs, step_layouts)
+        check_graph(losses, self._capture.outputs, step_layouts, self._owner, self._describe)
         if encoder_loss is None:
-            with self._buffers_kept(step_layouts):
+            with buffers_kept({enc: self.encoders[enc] for enc in step_layouts}, self._snapshots):
                 self._extra_vjps(step_layouts, cot, owner, outputs)
             if self.zero_absent:
                 self._add_absent(step_layouts, new_window)
@@ -459,114 +456,9 @@ class GradientSplitter:
                     p.grad = torch.zeros_like(p)
             self.layouts[enc] = step[enc] = layout
 
-    def _check_graph(
-        self,
-        losses: Mapping[str, Tensor],
-        outputs: list[Tensor],
-        layouts: Mapping[str, EncoderObjectives],
-    ) -> None:
-        """Refuse, every step, a graph in which the split would be silently wrong.
-
-        Two walks of the autograd graph. From the losses down to the encoders' output boundary (the
-        heads' nodes only): no loss may reach an encoder parameter other than through the encoder's
-        output. From each encoder's outputs up through the encoder: no reentrant checkpointing (it
-        hides the parameters from ``autograd.grad``), no trainable parameter outside the encoder (it
-        would get only the unimodal gradient) and no other encoder's output (encoders in a chain).
-        Both run every step, since the model can change between steps (a penalty term, checkpointing
-        or unfreezing switched on mid-fit).
-        """
-        stops = {o.grad_fn for o in outputs}
-        seen: set[object] = set()
-        for name, loss in losses.items():
-            stack = [loss.grad_fn]
-            while stack:
-                node = stack.pop()
-                if node is None or node in seen or node in stops:
-                    continue
-                seen.add(node)
-                variable = getattr(node, "variable", None)
-                if variable is not None and id(variable) in self._owner and variable.requires_grad:
-                    raise GradientSplittingError(
-                        f"Loss {name!r} reaches parameter {self._describe(variable)} of encoder "
-                        f"{self._owner[id(variable)]!r} without passing through the encoder's output, so "
-                        "its gradient cannot be split exactly. Compute losses only from the encoders' "
-                        "outputs (no losses on intermediate features, no weight penalties on encoder "
-                        "parameters inside a loss: use the optimizer's weight_decay, no parameters shared "
-                        "with a head)."
-                    )
-                stack.extend(next_node for next_node, _ in node.next_functions)
-        boundary = {o.alias.grad_fn: enc for enc in self.encoders for o in self._capture.outputs[enc]}
-        for enc in layouts:
-            walked: set[object] = set()
-            stack = [o.alias.grad_fn for o in self._capture.outputs[enc]]
-            own = {o.alias.grad_fn for o in self._capture.outputs[enc]}
-            while stack:
-                node = stack.pop()
-                if node is None or node in walked:
-                    continue
-                walked.add(node)
-                if node in boundary and node not in own:
-                    raise GradientSplittingError(
-                        f"Encoder {enc!r} is computed from the output of encoder {boundary[node]!r}: "
-                        "encoders in a chain would count the downstream encoder's paths twice. Make them "
-                        "one encoder, or feed both from the inputs."
-                    )
-                if type(node).__name__ == "CheckpointFunctionBackward":
-                    raise GradientSplittingError(
-                        "Reentrant activation checkpointing inside encoder "
-                        f"{enc!r} hides its parameters from torch.autograd.grad, so the per-loss gradients "
-                        "would be lost. Use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) "
-                        "(transformers: gradient_checkpointing_kwargs={'use_reentrant': False})."
-                    )
-                variable = getattr(node, "variable", None)
-                if (
-                    isinstance(variable, nn.Parameter)
-                    and variable.requires_grad
-                    and self._owner.get(id(variable)) != enc
-                ):
-                    where = self._owner.get(id(variable))
-                    raise GradientSplittingError(
-                        f"Trainable parameter {self._describe(variable)} "
-                        + (f"of encoder {where!r} " if where else "outside every encoder ")
-                        + f"feeds encoder {enc!r}: through the split it would get only the unimodal "
-                        "loss's gradient. Make it part of the encoder (e.g. the whole transformer, "
-                        "embeddings included, rather than its `.encoder`), or freeze it."
-                    )
-                stack.extend(next_node for next_node, _ in node.next_functions)
-
     def _describe(self, parameter: Tensor) -> str:
         name = self._param_names.get(id(parameter))
         return f"{name!r} (shape {tuple(parameter.shape)})" if name else f"of shape {tuple(parameter.shape)}"
-
-    @contextmanager
-    def _buffers_kept(self, layouts: Mapping[str, EncoderObjectives]) -> Iterator[None]:
-        """Keep the encoders' buffers (BatchNorm statistics) as they are across the extra backward.
-
-        Under non-reentrant activation checkpointing every backward recomputes the forward, which would
-        update running statistics once more than plain training does. The buffers are copied into
-        persistent snapshots before (one multi-tensor copy, no allocation) and back after.
-        """
-        buffers = {enc: list(self.encoders[enc].buffers()) for enc in layouts}
-        for enc, bs in buffers.items():
-            kept = self._snapshots.get(enc)
-            if (
-                kept is None
-                or len(kept) != len(bs)
-                or any(
-                    k.shape != b.shape or k.dtype != b.dtype or k.device != b.device
-                    for k, b in zip(kept, bs, strict=True)
-                )
-            ):
-                kept = self._snapshots[enc] = [torch.empty_like(b) for b in bs]
-            if bs:
-                torch._foreach_copy_(kept, bs)
-        yield
-        # Kernels update running statistics without bumping version counters, so a change cannot be
-        # detected: the snapshot is copied back unconditionally (nothing else writes buffers here),
-        # through `.data` so that buffers saved for the ordinary backward keep their version.
-        for enc, bs in buffers.items():
-            if bs:
-                torch._foreach_copy_([b.data for b in bs], self._snapshots[enc])
 
 
 class _Replace:

@@ -698,13 +698,14 @@ def test_sharded_strategies_are_refused(name: str) -> None:
 
     from lightning.pytorch import strategies
 
-    from mmpareto_lightning.callback import _check_trainer
+    from mmpareto_lightning.callback import MMParetoCallback as Callback
+    from mmpareto_lightning.fit_checks import check_trainer
 
     # These strategies need GPUs (and DeepSpeed a package); the check only looks at the strategy's type.
     cls = getattr(strategies, name, None) or type(name, (strategies.DDPStrategy,), {})
     trainer = SimpleNamespace(callbacks=[], strategy=cls.__new__(cls))
     with pytest.raises(MisconfigurationException, match=f"does not support the {name} strategy"):
-        _check_trainer(trainer, Net())
+        check_trainer(trainer, Net(), Callback)
 
 
 def test_automatic_optimization_re_enabled_in_setup_is_refused() -> None:

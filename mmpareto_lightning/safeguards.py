@@ -1,0 +1,132 @@
+"""What keeps the split exact from step to step: checks of the autograd graph, and encoder buffers.
+
+The split is exact only for graphs of a certain shape (losses reach encoder parameters through the
+encoders' outputs alone; nothing trainable outside an encoder feeds it; no reentrant checkpointing).
+The model can change between steps, so :func:`check_graph` walks the graph every step; it stays cheap
+because it only visits nodes (no tensor is read). :func:`buffers_kept` undoes what the extra backward
+does to buffers when the encoder recomputes its forward (non-reentrant activation checkpointing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from mmpareto_lightning.capture import CapturedOutput
+
+__all__ = ["GradientSplittingError", "buffers_kept", "check_graph"]
+
+
+class GradientSplittingError(ValueError):
+    """The losses or the encoders do not allow an exact per-objective split of the gradients."""
+
+
+def check_graph(
+    losses: Mapping[str, Tensor],
+    captured: Mapping[str, Sequence[CapturedOutput]],
+    present: Iterable[str],
+    owner: Mapping[int, str],
+    describe: Callable[[Tensor], str],
+) -> None:
+    """Refuse, every step, a graph in which the split would be silently wrong.
+
+    Two walks of the autograd graph. From the losses down to the encoders' output boundary (the
+    heads' nodes only): no loss may reach an encoder parameter other than through the encoder's
+    output. From each encoder's outputs up through the encoder: no reentrant checkpointing (it
+    hides the parameters from ``autograd.grad``), no trainable parameter outside the encoder (it
+    would get only the unimodal gradient) and no other encoder's output (encoders in a chain).
+    Both run every step, since the model can change between steps (a penalty term, checkpointing
+    or unfreezing switched on mid-fit).
+    """
+    stops = {o.alias.grad_fn for outs in captured.values() for o in outs}
+    seen: set[object] = set()
+    for name, loss in losses.items():
+        stack = [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen or node in stops:
+                continue
+            seen.add(node)
+            variable = getattr(node, "variable", None)
+            if variable is not None and id(variable) in owner and variable.requires_grad:
+                raise GradientSplittingError(
+                    f"Loss {name!r} reaches parameter {describe(variable)} of encoder "
+                    f"{owner[id(variable)]!r} without passing through the encoder's output, so "
+                    "its gradient cannot be split exactly. Compute losses only from the encoders' "
+                    "outputs (no losses on intermediate features, no weight penalties on encoder "
+                    "parameters inside a loss: use the optimizer's weight_decay, no parameters shared "
+                    "with a head)."
+                )
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    boundary = {o.alias.grad_fn: enc for enc, outs in captured.items() for o in outs}
+    for enc in present:
+        walked: set[object] = set()
+        stack = [o.alias.grad_fn for o in captured[enc]]
+        own = {o.alias.grad_fn for o in captured[enc]}
+        while stack:
+            node = stack.pop()
+            if node is None or node in walked:
+                continue
+            walked.add(node)
+            if node in boundary and node not in own:
+                raise GradientSplittingError(
+                    f"Encoder {enc!r} is computed from the output of encoder {boundary[node]!r}: "
+                    "encoders in a chain would count the downstream encoder's paths twice. Make them "
+                    "one encoder, or feed both from the inputs."
+                )
+            if type(node).__name__ == "CheckpointFunctionBackward":
+                raise GradientSplittingError(
+                    "Reentrant activation checkpointing inside encoder "
+                    f"{enc!r} hides its parameters from torch.autograd.grad, so the per-loss gradients "
+                    "would be lost. Use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) "
+                    "(transformers: gradient_checkpointing_kwargs={'use_reentrant': False})."
+                )
+            variable = getattr(node, "variable", None)
+            if (
+                isinstance(variable, nn.Parameter)
+                and variable.requires_grad
+                and owner.get(id(variable)) != enc
+            ):
+                where = owner.get(id(variable))
+                raise GradientSplittingError(
+                    f"Trainable parameter {describe(variable)} "
+                    + (f"of encoder {where!r} " if where else "outside every encoder ")
+                    + f"feeds encoder {enc!r}: through the split it would get only the unimodal "
+                    "loss's gradient. Make it part of the encoder (e.g. the whole transformer, "
+                    "embeddings included, rather than its `.encoder`), or freeze it."
+                )
+            stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+@contextmanager
+def buffers_kept(modules: Mapping[str, nn.Module], snapshots: dict[str, list[Tensor]]) -> Iterator[None]:
+    """Keep the encoders' buffers (BatchNorm statistics) as they are across the extra backward.
+
+    Under non-reentrant activation checkpointing every backward recomputes the forward, which would
+    update running statistics once more than plain training does. The buffers are copied into
+    persistent snapshots before (one multi-tensor copy, no allocation) and back after.
+    """
+    buffers = {enc: list(module.buffers()) for enc, module in modules.items()}
+    for enc, bs in buffers.items():
+        kept = snapshots.get(enc)
+        if (
+            kept is None
+            or len(kept) != len(bs)
+            or any(
+                k.shape != b.shape or k.dtype != b.dtype or k.device != b.device
+                for k, b in zip(kept, bs, strict=True)
+            )
+        ):
+            kept = snapshots[enc] = [torch.empty_like(b) for b in bs]
+        if bs:
+            torch._foreach_copy_(kept, bs)
+    yield
+    # Kernels update running statistics without bumping version counters, so a change cannot be
+    # detected: the snapshot is copied back unconditionally (nothing else writes buffers here),
+    # through `.data` so that buffers saved for the ordinary backward keep their version.
+    for enc, bs in buffers.items():
+        if bs:
+            torch._foreach_copy_([b.data for b in bs], snapshots[enc])
