@@ -144,8 +144,7 @@ class MMParetoEngine:
             flags.append(self.splitter.loss_finite.all())
         grads = [p.grad for p in parameters if p.grad is not None]
         if grads:
-            # The max-abs norm cannot overflow for finite entries, unlike the 2-norm.
-            flags.append(torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all())
+            flags.append(_all_finite(grads))
         if not flags:
             return torch.tensor(True)
         return torch.stack([f.to(flags[0].device) for f in flags]).all()
@@ -157,3 +156,21 @@ class MMParetoEngine:
             return []
         names = self.splitter.loss_names
         return [n for n, ok in zip(names, flags.tolist(), strict=True) if not ok]
+
+
+def _all_finite(tensors: list[Tensor]) -> Tensor:
+    """0-d bool tensor: every entry of ``tensors`` is finite, in one read (and write) pass.
+
+    GradScaler's fused check (with a scale of 1, which leaves every value as it is) flags inf and NaN
+    exactly, unlike a 2-norm or a sum, which overflow for large finite values, and is several times
+    faster on CPU than a max-abs norm.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    found = []
+    for (device, _), group in groups.items():
+        found_inf = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, torch.ones(1, device=device))
+        found.append(found_inf.to(tensors[0].device))
+    return torch.cat(found).sum() == 0
