@@ -370,9 +370,7 @@ class MMParetoCallback(Callback):
     def _finish_window(self, trainer: pl.Trainer, pl_module: MMParetoModule, optimizer: Any) -> None:
         assert self._engine is not None
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        encoder_params = {
-            id(p) for encoder in self._engine.splitter.encoders.values() for p in encoder.parameters()
-        }
+        encoder_params = self._engine.splitter.encoder_of
         if self.diagnostics:
             stats = self._engine.integrate(reduce_fn=_mean_across_ranks(trainer))
             others = [p for p in pl_module.parameters() if p.requires_grad and id(p) not in encoder_params]

@@ -161,6 +161,11 @@ class GradientSplitter:
         """Record the encoders' outputs during the forward pass run inside this block."""
         return self._capture.capture()
 
+    @property
+    def encoder_of(self) -> Mapping[int, str]:
+        """``id(parameter)`` -> the name of the encoder that owns it (every encoder parameter)."""
+        return self._owner
+
     def trainable_params(self, name: str) -> list[nn.Parameter]:
         """The parameters of encoder ``name`` that require grad now."""
         return [p for p in self.encoders[name].parameters() if p.requires_grad]
