@@ -38,7 +38,8 @@ from mmpbench.models import resnet18_encoder, wide_mlp_encoder
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mmpareto_lightning import RuleConfig, integrate_gradients, passes
+from mmpareto_lightning import RuleConfig, integrate_gradients
+from mmpareto_lightning.rule import passes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -176,7 +177,7 @@ def run(model: str, rounds: int, baseline, device: str) -> dict[str, tuple[float
 def breakdown(model: str, rounds: int, device: str) -> dict[str, float]:
     """Median ms per step of the new rule's phases, and of one flat dot product (a read pass of both
     gradients) and the ``add`` yardstick, interleaved."""
-    from mmpareto_lightning import rule
+    from mmpareto_lightning.rule import integrate as rule
 
     encoders = [encoder_grads(m, seed, device) for seed, m in enumerate(MODELS[model]())]
     config = RuleConfig()

@@ -142,7 +142,7 @@ def test_profile_tables(bench: ModuleType) -> None:
     assert "correctness pre-check PASSED" in report and "## Step time" not in report
     assert re.search(r"### lightning mmpareto: median step \d+\.\d\d ms over 2 unprofiled steps", report)
     functions = _rows(report, "| function (cProfile)")
-    assert any("mmpareto_lightning/callback.py" in name for name in functions)
+    assert any("mmpareto_lightning/lightning/callback.py" in name for name in functions)
     assert _rows(report, "| tensor built-in (cProfile)") and _rows(report, "| operator (torch.profiler)")
 
 

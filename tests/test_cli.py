@@ -25,7 +25,7 @@ from mmpareto_examples.models import AVClassifier, CGDigitsClassifier
 
 from mmpareto_lightning import MMParetoCallback
 from mmpareto_lightning.cli import build_cli, main
-from mmpareto_lightning.logs import encoder_dynamics, read_metrics_csv
+from mmpareto_lightning.cli.logs import encoder_dynamics, read_metrics_csv
 
 REPO = Path(__file__).resolve().parent.parent
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

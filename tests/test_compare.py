@@ -19,8 +19,8 @@ from mmpareto_examples import CONFIG_DIR
 
 from mmpareto_lightning import MMParetoCallback
 from mmpareto_lightning.cli import build_cli, main
-from mmpareto_lightning.compare import STRATEGY_LABELS, make_run_config, run_compare, strategy_args
-from mmpareto_lightning.summary import (
+from mmpareto_lightning.cli.compare import STRATEGY_LABELS, make_run_config, run_compare, strategy_args
+from mmpareto_lightning.cli.summary import (
     Column,
     markdown_differences,
     markdown_summary,
@@ -92,7 +92,7 @@ def test_the_step_size_control_is_uniform_with_mmparetos_gamma(tmp_path):
 
 
 def test_the_control_is_left_out_by_default_when_mmpareto_has_gamma_one():
-    from mmpareto_lightning.compare import _plan
+    from mmpareto_lightning.cli.compare import _plan
 
     default = _plan(None, None, [0], None, False, None, None, None)
     assert default.strategies == list(STRATEGY_LABELS)

@@ -698,8 +698,8 @@ def test_sharded_strategies_are_refused(name: str) -> None:
 
     from lightning.pytorch import strategies
 
-    from mmpareto_lightning.callback import MMParetoCallback as Callback
-    from mmpareto_lightning.fit_checks import check_trainer
+    from mmpareto_lightning.lightning.callback import MMParetoCallback as Callback
+    from mmpareto_lightning.lightning.fit_checks import check_trainer
 
     # These strategies need GPUs (and DeepSpeed a package); the check only looks at the strategy's type.
     cls = getattr(strategies, name, None) or type(name, (strategies.DDPStrategy,), {})

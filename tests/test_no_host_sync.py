@@ -14,7 +14,8 @@ import torch
 from _models import MultiModalNet, make_loader, trainer_kwargs
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mmpareto_lightning import MMParetoCallback, MMParetoEngine, RuleConfig, passes
+from mmpareto_lightning import MMParetoCallback, MMParetoEngine, RuleConfig
+from mmpareto_lightning.rule import passes
 
 HOST_READS = {
     "aten::_local_scalar_dense",  # .item(), bool(t), float(t), int(t), indexing with a 0-d tensor

@@ -15,14 +15,14 @@ from _models import MultiModalNet, make_loader, trainer_kwargs
 
 from mmpareto_lightning import MMParetoCallback
 from mmpareto_lightning.cli import main
-from mmpareto_lightning.logs import (
+from mmpareto_lightning.cli.logs import (
     encoder_dynamics,
     find_runs,
     read_metrics_csv,
     read_scalars,
     read_tensorboard,
 )
-from mmpareto_lightning.plotting import plot_dynamics, rolling_mean
+from mmpareto_lightning.cli.plotting import plot_dynamics, rolling_mean
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -16,10 +16,10 @@ from mmpareto_lightning import (
     integrate_tensor_lists,
     min_norm_2,
     min_norm_simplex,
-    passes,
-    rule,
 )
-from mmpareto_lightning.passes import PIECE, tensor_grams
+from mmpareto_lightning.rule import integrate as rule
+from mmpareto_lightning.rule import passes
+from mmpareto_lightning.rule.passes import PIECE, tensor_grams
 
 STRATEGIES = ["mmpareto", "pareto", "uniform", "multimodal_only"]
 SHAPES = [(4, 3), (3,), (2, 2, 2), (1,)]

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mmpareto_lightning.logs import EncoderDynamics
+from mmpareto_lightning.cli.logs import EncoderDynamics
 
 __all__ = ["MATPLOTLIB_HINT", "average_over_runs", "plot_dynamics", "rolling_mean"]
 

@@ -15,13 +15,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torchmetrics import Metric
 
-from mmpareto_lightning.engine import MMParetoEngine
-from mmpareto_lightning.fit_checks import check_trainer, validated_encoders
-from mmpareto_lightning.metrics import MMParetoMetrics
-from mmpareto_lightning.module import MMParetoModule, attach_driver, detach_driver, ensure_wrapped
+from mmpareto_lightning.distributed import all_ranks, mean_across_ranks
+from mmpareto_lightning.engine import GradientSplittingError, MMParetoEngine
+from mmpareto_lightning.lightning.fit_checks import check_trainer, validated_encoders
+from mmpareto_lightning.lightning.metrics import MMParetoMetrics
+from mmpareto_lightning.lightning.module import MMParetoModule, attach_driver, detach_driver, ensure_wrapped
+from mmpareto_lightning.lightning.stepping import OptimizationBookkeeping
 from mmpareto_lightning.rule import RESCALE_MODES, STRATEGIES, RuleConfig, RuleStats
-from mmpareto_lightning.splitting import GradientSplittingError
-from mmpareto_lightning.stepping import OptimizationBookkeeping
 
 __all__ = ["MMParetoCallback"]
 
@@ -372,7 +372,7 @@ class MMParetoCallback(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         encoder_params = self._engine.splitter.encoder_of
         if self.diagnostics:
-            stats = self._engine.integrate(reduce_fn=_mean_across_ranks(trainer))
+            stats = self._engine.integrate(reduce_fn=mean_across_ranks(trainer.world_size))
             others = [p for p in pl_module.parameters() if p.requires_grad and id(p) not in encoder_params]
         else:
             self._cheap_window_open = False
@@ -386,7 +386,7 @@ class MMParetoCallback(Callback):
         if scaler is None and self.skip_non_finite:
             finite = self._engine.all_finite(stats, others)
             if trainer.world_size > 1:
-                finite = _all_ranks(finite)
+                finite = all_ranks(finite)
         # Metrics are updated before the finite check reads the device, so their kernels are queued
         # while the GPU still works on the backward.
         self._record(pl_module, stats, finite, self.log_on_step and _is_logging_step(trainer))
@@ -490,28 +490,6 @@ class MMParetoCallback(Callback):
     def totals(self) -> dict[str, dict[str, int]]:
         """Cumulative ``conflicts`` and ``stationary`` counts per encoder (reads the device)."""
         return self.state_dict()["totals"]
-
-
-def _mean_across_ranks(trainer: pl.Trainer) -> Any:
-    if trainer.world_size <= 1 or not (
-        torch.distributed.is_available() and torch.distributed.is_initialized()
-    ):
-        return None
-    world = trainer.world_size
-
-    def reduce(tensor: Tensor) -> Tensor:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-        return tensor.div_(world)
-
-    return reduce
-
-
-def _all_ranks(flag: Tensor) -> Tensor:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
-    value = flag.to(torch.float32).reshape(1)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return value[0] > 0.5
 
 
 def _is_logging_step(trainer: pl.Trainer) -> bool:

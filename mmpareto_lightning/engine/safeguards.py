@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from mmpareto_lightning.capture import CapturedOutput
+from mmpareto_lightning.engine.capture import CapturedOutput
 
 __all__ = ["GradientSplittingError", "buffers_kept", "check_graph"]
 

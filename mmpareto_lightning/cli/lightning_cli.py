@@ -25,7 +25,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from mmpareto_lightning.callback import MMParetoCallback
+from mmpareto_lightning.lightning import MMParetoCallback
 
 __all__ = [
     "INSTALL_HINT",

@@ -23,7 +23,7 @@ from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from mmpareto_lightning.stepping import take_plateau_keys
+from mmpareto_lightning.lightning.stepping import take_plateau_keys
 
 __all__ = ["MMParetoModule", "TrainingStepDriver", "attach_driver", "detach_driver", "wrap_training_step"]
 

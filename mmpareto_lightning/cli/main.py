@@ -8,7 +8,7 @@ Examples::
     mmpareto-lightning plot runs/cg_digits --output dynamics.png
     mmpareto-lightning compare --output-dir compare_out
 
-``fit``/``validate``/``test``/``predict`` are :class:`~mmpareto_lightning.lightning_cli.MMParetoCLI`: model
+``fit``/``validate``/``test``/``predict`` are :class:`~.lightning_cli.MMParetoCLI`: model
 and data by ``class_path``, the MMPareto callback from the top-level ``mmpareto:`` section. Like
 ``python -m``, the command puts the current working directory first on ``sys.path``, so a config's
 ``class_path: mymodels.MyModel`` finds ``mymodels.py`` in the folder the command runs from.
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmpareto_lightning.lightning_cli import MMParetoCLI, build_cli, require_jsonargparse
+from mmpareto_lightning.cli.lightning_cli import MMParetoCLI, build_cli, require_jsonargparse
 
 __all__ = ["MMParetoCLI", "build_cli", "compare_main", "main", "plot_main"]
 
@@ -50,7 +50,7 @@ def _number(text: str) -> float:
 
 def compare_parser() -> argparse.ArgumentParser:
     """The argument parser of ``mmpareto-lightning compare``."""
-    from mmpareto_lightning.compare import STRATEGY_LABELS
+    from mmpareto_lightning.cli.compare import STRATEGY_LABELS
 
     parser = argparse.ArgumentParser(
         prog="mmpareto-lightning compare",
@@ -117,7 +117,7 @@ def compare_main(argv: Sequence[str]) -> Any:
     """``mmpareto-lightning compare``: run, print the tables, list the files. Returns the CompareResult."""
     args = compare_parser().parse_args(list(argv))
     require_jsonargparse("`mmpareto-lightning compare`")
-    from mmpareto_lightning.compare import run_compare
+    from mmpareto_lightning.cli.compare import run_compare
 
     trainer_args = {
         key: value
@@ -181,7 +181,7 @@ def plot_parser() -> argparse.ArgumentParser:
 
 def _describe(settings: dict[str, Any]) -> str:
     """``strategy=..., rescale=..., gamma=...`` of a run's ``mmpareto:`` section, gamma as applied."""
-    from mmpareto_lightning.rule import RuleConfig
+    from mmpareto_lightning.rule.integrate import RuleConfig
 
     text = f"strategy={settings.get('strategy', 'mmpareto')}, rescale={settings.get('rescale', 'per_tensor')}"
     try:
@@ -198,8 +198,8 @@ def _describe(settings: dict[str, Any]) -> str:
 
 def plot_main(argv: Sequence[str]) -> Path:
     """``mmpareto-lightning plot``: draw one run's training dynamics. Returns the PNG's path."""
-    from mmpareto_lightning.logs import encoder_dynamics, find_runs, read_run_config, read_scalars
-    from mmpareto_lightning.plotting import plot_dynamics
+    from mmpareto_lightning.cli.logs import encoder_dynamics, find_runs, read_run_config, read_scalars
+    from mmpareto_lightning.cli.plotting import plot_dynamics
 
     args = plot_parser().parse_args(list(argv))
     try:

@@ -1,7 +1,7 @@
 """What a fit must satisfy before MMPareto can run it: the Trainer's set-up and the named encoders.
 
 Checked once, when the fit starts; what can change from step to step is checked in
-:mod:`mmpareto_lightning.safeguards`.
+:mod:`mmpareto_lightning.engine.safeguards`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The scheme (``SPEC.md`` section 5):
 
 1. The encoders' outputs are captured behind a fresh autograd boundary during the forward
-   (:mod:`mmpareto_lightning.capture`).
+   (:mod:`mmpareto_lightning.engine.capture`).
 2. The head-level cotangents ``dL_j / dz_k`` of every loss are taken with ``torch.autograd.grad``; this
    only differentiates the heads, which is cheap, and tells which losses reach which encoder.
 3. For every encoder, one objective (its own unimodal loss) is the *main* objective; the others (the
@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from mmpareto_lightning.capture import OutputCapture
-from mmpareto_lightning.safeguards import GradientSplittingError, buffers_kept, check_graph
+from mmpareto_lightning.engine.capture import OutputCapture
+from mmpareto_lightning.engine.safeguards import GradientSplittingError, buffers_kept, check_graph
 
 __all__ = ["RESERVED_LOSS_KEYS", "EncoderObjectives", "GradientSplitter", "GradientSplittingError"]
 

@@ -30,15 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmpareto_lightning.lightning_cli import (
+from mmpareto_lightning.cli.lightning_cli import (
     INSTALL_HINT,
     MMPARETO_KEY,
     build_cli,
     duplicate_callback_message,
     listed_mmpareto_callbacks,
 )
-from mmpareto_lightning.logs import encoder_dynamics, read_metrics_csv
-from mmpareto_lightning.report import (
+from mmpareto_lightning.cli.logs import encoder_dynamics, read_metrics_csv
+from mmpareto_lightning.cli.report import (
     CompareResult,
     RunResult,
     default_metrics,
@@ -112,7 +112,7 @@ def strategy_args(base: Mapping[str, Any], callback_args: Mapping[str, Any] | No
     ``uniform_gamma`` takes the gamma that MMPareto itself applies under the same arguments (1.5 with the
     default per-tensor rescale, 1.0 with ``rescale=per_encoder``).
     """
-    from mmpareto_lightning.rule import RuleConfig
+    from mmpareto_lightning.rule.integrate import RuleConfig
 
     shared = {**(base.get(MMPARETO_KEY) or {}), **(callback_args or {})}
     gamma = RuleConfig(

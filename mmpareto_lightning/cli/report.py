@@ -2,8 +2,8 @@
 
 :func:`write_report` turns the runs into ``results.md`` (the summary table and the paired differences of
 MMPareto minus each other strategy), ``results.csv``, ``differences.csv``, ``runs.csv`` and
-``training_dynamics.png``. The statistics are :mod:`mmpareto_lightning.summary`'s, the figure
-:mod:`mmpareto_lightning.plotting`'s (the one ``mmpareto-lightning plot`` draws).
+``training_dynamics.png``. The statistics are :mod:`mmpareto_lightning.cli.summary`'s, the figure
+:mod:`mmpareto_lightning.cli.plotting`'s (the one ``mmpareto-lightning plot`` draws).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmpareto_lightning.logs import EncoderDynamics
-from mmpareto_lightning.plotting import plot_dynamics
-from mmpareto_lightning.summary import (
+from mmpareto_lightning.cli.logs import EncoderDynamics
+from mmpareto_lightning.cli.plotting import plot_dynamics
+from mmpareto_lightning.cli.summary import (
     Column,
     difference_rows,
     empty_columns,

@@ -23,15 +23,15 @@ end, ``segments`` giving the sizes), which it splits into views.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from mmpareto_lightning.min_norm import min_norm_simplex
-from mmpareto_lightning.passes import Pieces, tensor_grams, weighted_sum
+from mmpareto_lightning.rule.min_norm import min_norm_simplex
+from mmpareto_lightning.rule.passes import Pieces, tensor_grams, weighted_sum
 
 __all__ = [
     "RESCALE_MODES",
@@ -128,6 +128,8 @@ class RuleStats(NamedTuple):
 # already moves h' by about 1e-4 of its norm. (A direct norm of h' would allow a floor of order eps,
 # at the price of a second read pass and a second write pass.)
 _FLOOR_FACTOR = 8.0
+#: Maps this process's per-tensor Gram matrices to the ones the rule decides on (sharded training).
+GramReduce = Callable[[Tensor], Tensor]
 _HALF = (torch.float16, torch.bfloat16)
 _TINY = torch.finfo(torch.float64).tiny
 
@@ -136,6 +138,7 @@ def integrate_tensor_lists(
     grads: Sequence[Sequence[Tensor]],
     config: RuleConfig | None = None,
     out: Sequence[Tensor] | None = None,
+    gram_reduce: GramReduce | None = None,
 ) -> tuple[list[Tensor], RuleStats]:
     """Apply the rule to the per-parameter gradients of one encoder.
 
@@ -149,6 +152,11 @@ def integrate_tensor_lists(
         out: optional ``T`` tensors to write ``h`` into; it may be one of the lists in ``grads`` (all of
             its tensors, e.g. the parameters' ``.grad``), which is read before it is overwritten. It must
             not overlap the inputs otherwise.
+        gram_reduce: called on the ``(T, K, K)`` float64 per-tensor Gram matrices of the tensors given
+            before any decision is taken, and returns the matrices to decide on. Sharded training passes
+            local shards and a function that sums the matrices over the ranks holding the other shards
+            (one all-reduce of ``T * K * K`` numbers): every rank then takes the decisions of the whole
+            encoder and writes its own shard.
 
     Returns:
         The integrated gradient per parameter (the tensors of ``out`` when given) and the step's
@@ -168,21 +176,27 @@ def integrate_tensor_lists(
     """
     lists = [list(g) for g in grads]
     _check_lists(lists, out)
-    return _integrate(lists, config or RuleConfig(), out)
+    return _integrate(lists, config or RuleConfig(), out, gram_reduce)
 
 
 def _integrate(
-    lists: list[list[Tensor]], config: RuleConfig, out: Sequence[Tensor] | None
+    lists: list[list[Tensor]],
+    config: RuleConfig,
+    out: Sequence[Tensor] | None,
+    gram_reduce: GramReduce | None = None,
 ) -> tuple[list[Tensor], RuleStats]:
     if lists[0][0].dtype in _HALF:
         # Half-precision gradients (``bf16-true`` training): integrate in float32, write back once.
         wide = [[t.float() for t in lst] for lst in lists]
-        result, stats = _integrate(wide, config, out=wide[0])
+        result, stats = _integrate(wide, config, wide[0], gram_reduce)
         target = list(out) if out is not None else [torch.empty_like(t) for t in lists[0]]
         torch._foreach_copy_(target, result)
         return target, stats
     dtype, pieces = lists[0][0].dtype, Pieces()
-    coefficients, stats = _decide(tensor_grams(lists, pieces), config, torch.finfo(dtype).eps)
+    grams = tensor_grams(lists, pieces)
+    if gram_reduce is not None:
+        grams = gram_reduce(grams)
+    coefficients, stats = _decide(grams, config, torch.finfo(dtype).eps)
     return weighted_sum(lists, coefficients.to(dtype), out, pieces), stats
 
 
@@ -272,7 +286,7 @@ def _decide(gram_t: Tensor, config: RuleConfig, eps: float) -> tuple[Tensor, Rul
 
 
 def _min_norm_2(v11: Tensor, v12: Tensor, v22: Tensor) -> tuple[Tensor, Tensor]:
-    """Official (clamped, as :func:`~mmpareto_lightning.min_norm.min_norm_2`) and exact min-norm weights
+    """Official (clamped, as :func:`~mmpareto_lightning.rule.min_norm.min_norm_2`) and exact min-norm weights
     of two gradients, from one evaluation of the closed form."""
     denominator = (v11 + v22 - 2 * v12).clamp_min(_TINY)
     # Each weight from its own formula: 1 - alpha would round a weight of 1e-15 to zero. The interior

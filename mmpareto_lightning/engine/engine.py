@@ -1,6 +1,6 @@
 """MMPareto for a hand-written PyTorch training loop: gradient splitting plus the rule.
 
-:class:`MMParetoEngine` joins :class:`~mmpareto_lightning.splitting.GradientSplitter` (the per-objective
+:class:`MMParetoEngine` joins :class:`~mmpareto_lightning.engine.GradientSplitter` (the per-objective
 encoder gradients) and :func:`~mmpareto_lightning.rule.integrate_tensor_lists` (the rule) and writes the
 integrated gradients into ``.grad``. It knows nothing of Lightning; the Lightning callback is a thin
 layer on top of it.
@@ -28,8 +28,8 @@ from contextlib import AbstractContextManager
 import torch
 from torch import Tensor, nn
 
+from mmpareto_lightning.engine.splitting import GradientSplitter
 from mmpareto_lightning.rule import RuleConfig, RuleStats, integrate_tensor_lists
-from mmpareto_lightning.splitting import GradientSplitter
 
 __all__ = ["MMParetoEngine"]
 
