@@ -533,3 +533,23 @@ def test_cuda_rule_matches_cpu_rule_without_synchronising(
         torch.testing.assert_close(r.cpu(), e, rtol=2e-5, atol=2e-5 * scale)
     for a, b in zip(stats, expected_stats, strict=True):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("out", [False, True])
+def test_complex_gradients_use_the_real_inner_product(out: bool) -> None:
+    # A complex parameter's gradient is the steepest-ascent direction under Re<a, b>: the rule must decide
+    # on that inner product (a plain complex dot product neither conjugates nor drops the imaginary part).
+    gen = torch.Generator().manual_seed(0)
+    gm = [torch.randn(s, dtype=torch.complex64, generator=gen) for s in [(3, 4), (5,), (2, 2, 2)]]
+    gu = [-0.7 * t + 0.3 * torch.randn(t.shape, dtype=torch.complex64, generator=gen) for t in gm]
+    target = [t.clone() for t in gu] if out else None
+    ours, stats = integrate_tensor_lists([gm, target or gu], out=target)
+    ref, info = reference_rule([[torch.view_as_real(t) for t in gm], [torch.view_as_real(t) for t in gu]])
+    assert all(o.dtype == torch.complex64 for o in ours)
+    _assert_close([torch.view_as_real(o) for o in ours], ref, [gm, gu])
+    assert bool(stats.conflict) == info["conflict"]
+    assert float(stats.cos_beta) == pytest.approx(info["cos"], abs=1e-6)
+    flat, _ = integrate_gradients(
+        [torch.cat([t.reshape(-1) for t in lst]) for lst in (gm, gu)], segments=[t.numel() for t in gm]
+    )
+    torch.testing.assert_close(flat, torch.cat([o.reshape(-1) for o in ours]))

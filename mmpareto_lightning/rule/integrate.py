@@ -174,9 +174,21 @@ def integrate_tensor_lists(
         for p, g in zip(encoder_params, h):
             p.grad = g
     """
-    lists = [list(g) for g in grads]
-    _check_lists(lists, out)
-    return _integrate(lists, config or RuleConfig(), out, gram_reduce)
+    lists = [[_real_view(t) for t in g] for g in grads]
+    real_out = None if out is None else [_real_view(t) for t in out]
+    _check_lists(lists, real_out)
+    result, stats = _integrate(lists, config or RuleConfig(), real_out, gram_reduce)
+    if out is not None:
+        return list(out), stats
+    complex_in = [t.is_complex() for t in grads[0]]
+    return [torch.view_as_complex(r) if c else r for r, c in zip(result, complex_in, strict=True)], stats
+
+
+def _real_view(t: Tensor) -> Tensor:
+    """Complex gradients as real ones: ``Re<a, b>`` is the dot product of ``view_as_real`` views, the
+    inner product under which a complex parameter's gradient is the steepest ascent direction (PyTorch's
+    convention), and the write through the view is the complex weighted sum."""
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _integrate(
@@ -349,9 +361,15 @@ def integrate_gradients(
     if len({(g.dtype, g.device) for g in [*grads, result]}) > 1 or result.shape != grads[0].shape:
         raise ValueError("The gradients and `out` must have one size, dtype and device.")
     # Views of equal flat tensors match tensor by tensor: no per-tensor checks needed.
-    views = [list(g.split(sizes)) for g in grads]
-    _, stats = _integrate(views, config or RuleConfig(), list(result.split(sizes)))
+    views = [list(_real_view(g).view(-1).split(_real_sizes(g, sizes))) for g in grads]
+    _, stats = _integrate(
+        views, config or RuleConfig(), list(_real_view(result).view(-1).split(_real_sizes(result, sizes)))
+    )
     return result, stats
+
+
+def _real_sizes(flat: Tensor, sizes: list[int]) -> list[int]:
+    return [2 * s for s in sizes] if flat.is_complex() else sizes
 
 
 def integrate_gradient_lists(
