@@ -2,8 +2,19 @@
 
 ``expected_deltas`` runs the model's own loss code on a copy, takes every loss's gradient with respect
 to every parameter with ``torch.autograd.grad`` (the direct way), finds which losses reach which encoder,
-and applies the independent float64 rule of ``_reference.py``. With plain SGD (lr 1, no momentum, no
-weight decay) one optimizer step must move each parameter by exactly the returned delta.
+and applies the independent float64 rule of ``_reference.py``. With plain SGD (no momentum, no weight
+decay) one optimizer step must move each parameter by the returned delta, within a bound that follows
+from the computation, entry by entry:
+
+* encoder parameters: the rule's bound (``_reference.h_bound``: the write's round-off and the decisions'
+  sensitivity to the Gram entries' round-off). The per-loss gradients themselves are the same numbers on
+  both sides: the split computes them with the same autograd operations as ``torch.autograd.grad`` of
+  each loss (the head-level cotangent at the encoder's output, then the encoder's backward);
+* head parameters: their gradient is the ordinary backward of the summed losses, which adds the losses'
+  contributions in float32: at most ``(L - 1) u sum_l |g_l|`` from the float64 sum of the separate
+  gradients (``L`` losses reaching the parameter);
+* the SGD step ``p - lr * g`` rounds to float32: at most ``u |lr g|`` for the product and ``u |p_new|``
+  for the difference.
 """
 
 from __future__ import annotations
@@ -13,10 +24,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
-from _reference import reference_rule
+from _reference import decision_sensitivity, h_bound, reference_rule, unit_round_off
 from torch import nn
-
-from mmpareto_lightning import min_norm_simplex
 
 LossFn = Callable[[nn.Module], Mapping[str, torch.Tensor]]
 
@@ -34,6 +43,48 @@ def per_loss_gradients(model: nn.Module, loss_fn: LossFn) -> dict[str, list[torc
     }
 
 
+class ExpectedUpdate(dict):
+    """Parameter name -> expected update (float64), with ``bounds``: name -> entrywise bound."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bounds: dict[str, np.ndarray] = {}
+
+    def scaled(self, factors: Mapping[str, float]) -> ExpectedUpdate:
+        """The update of an SGD step with per-parameter learning rates (the bounds are linear in it)."""
+        out = ExpectedUpdate()
+        for name, value in self.items():
+            f = factors.get(name, 0.0)
+            out[name], out.bounds[name] = value * f, self.bounds[name] * abs(f)
+        return out
+
+    def clipped(
+        self, max_norm: float, numels: Mapping[str, int] | None = None
+    ) -> tuple[ExpectedUpdate, float]:
+        """The update after ``clip_grad_norm_(max_norm)`` (lr 1), and the clipping coefficient.
+
+        torch computes the total norm in float32 (a norm per tensor, then the norm of the norms): its
+        relative error is at most ``(n_max + T + 2) u`` (``n_max`` the largest tensor's entries, ``T``
+        tensors), on top of the update's own bound; the coefficient ``max_norm / (norm + 1e-6)`` inherits
+        it (plus two roundings).
+        """
+        u = unit_round_off(torch.float32)
+        norm = float(np.sqrt(sum(float((v**2).sum()) for v in self.values())))
+        spread = float(
+            np.sqrt(sum(float(((np.abs(v) + self.bounds[k]) ** 2).sum()) for k, v in self.items()))
+        )
+        n_max = max(v.size for v in self.values())
+        relative = (n_max + len(self) + 4) * u + (spread - norm) / max(norm, 1e-300)
+        coef = min(1.0, max_norm / (norm + 1e-6))
+        d_coef = coef * relative if coef < 1.0 else 0.0
+        out = ExpectedUpdate()
+        for name, value in self.items():
+            out[name] = value * coef
+            out.bounds[name] = self.bounds[name] * coef + d_coef * (np.abs(value) + self.bounds[name])
+            out.bounds[name] = out.bounds[name] + u * np.abs(out[name])  # the multiplication by coef
+        return out, coef
+
+
 def expected_deltas(
     model: nn.Module,
     encoders: Callable[[nn.Module], Mapping[str, nn.Module]],
@@ -42,14 +93,18 @@ def expected_deltas(
     rescale: str = "per_tensor",
     multimodal_key: str = "multimodal",
     seed: int | None = None,
-) -> dict[str, np.ndarray]:
-    """Parameter name -> expected SGD(lr=1) update of one MMPareto step (float64).
+    lr: float = 1.0,
+    gamma: float | None = None,
+) -> ExpectedUpdate:
+    """Parameter name -> expected SGD(lr) update of one MMPareto step (float64), with its bound.
 
     Args:
         model: the module in its state before the step (it is copied, not changed).
         encoders: returns the name -> encoder mapping of a model (applied to the copy).
         loss_fn: computes the named losses of the batch on a model.
         seed: reseed before the forward (to match dropout masks of the real step).
+        lr: the SGD learning rate of the step.
+        gamma: the rule's gamma (``None``: its default).
     """
     ref = copy.deepcopy(model)
     if seed is not None:
@@ -57,7 +112,12 @@ def expected_deltas(
     grads = per_loss_gradients(ref, loss_fn)
     params = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
     index = {id(p): i for i, (_, p) in enumerate(params)}
-    expected = {n: np.zeros(tuple(p.shape)) for n, p in ref.named_parameters()}
+    names = {id(p): n for n, p in params}
+    expected = ExpectedUpdate()
+    for n, p in ref.named_parameters():
+        expected[n] = np.zeros(tuple(p.shape))
+        expected.bounds[n] = np.zeros(tuple(p.shape))
+    u = unit_round_off(torch.float32)
     encoder_ids: set[int] = set()
     for enc_name, encoder in encoders(ref).items():
         enc_params = [p for p in encoder.parameters() if p.requires_grad]
@@ -75,32 +135,38 @@ def expected_deltas(
             ]
             for o in objectives
         ]
-        alpha = None
-        if len(objectives) > 2:
-            flat = [torch.cat([t.reshape(-1) for t in lst]).double() for lst in per_objective]
-            gram = torch.stack([torch.stack([a @ b for b in flat]) for a in flat])
-            alpha = min_norm_simplex(gram).numpy()
-        h, _ = reference_rule(per_objective, strategy=strategy, rescale=rescale, alpha_k=alpha)
-        names = {id(p): n for n, p in params}
-        for p, ht in zip(enc_params, h, strict=True):
-            expected[names[id(p)]] = -ht.reshape(p.shape)
+        h, info = reference_rule(per_objective, strategy=strategy, rescale=rescale, gamma=gamma)
+        sensitivity = decision_sensitivity(info, [p.numel() for p in enc_params])
+        bounds = h_bound(per_objective, info, sensitivity)
+        for p, ht, bt in zip(enc_params, h, bounds, strict=True):
+            expected[names[id(p)]] = -lr * ht.reshape(p.shape)
+            expected.bounds[names[id(p)]] = (lr * bt + u * lr * np.abs(ht)).reshape(p.shape)
     for n, p in params:
         if id(p) not in encoder_ids:
-            gs = [gl[index[id(p)]] for gl in grads.values() if gl[index[id(p)]] is not None]
+            gs = [gl[index[id(p)]].double().numpy() for gl in grads.values() if gl[index[id(p)]] is not None]
             if gs:
-                expected[n] = -sum(g.double().numpy() for g in gs)
+                total = sum(gs)
+                expected[n] = -lr * total
+                accumulation = (len(gs) - 1) * u * sum(np.abs(g) for g in gs)
+                expected.bounds[n] = lr * accumulation * (1 + 2 * u) + u * lr * np.abs(total)
     return expected
 
 
-def assert_moved_by(
-    after: nn.Module, before: nn.Module, expected: Mapping[str, np.ndarray], rtol: float = 1e-5
-) -> None:
-    """Every parameter of ``after`` equals the one of ``before`` plus its expected delta."""
+def assert_moved_by(after: nn.Module, before: nn.Module, expected: Mapping[str, np.ndarray]) -> None:
+    """Every parameter of ``after`` equals the one of ``before`` plus its expected delta, within the bound
+    (``expected.bounds``, plus the float32 rounding of ``p - lr g``: ``u |p_new|``)."""
     old = dict(before.named_parameters())
+    bounds = getattr(expected, "bounds", {})
+    u = unit_round_off(torch.float32)
     for name, p_new in after.named_parameters():
-        p_old = old[name]
-        delta = (p_new.detach() - p_old.detach()).double().cpu().numpy()
+        new = p_new.detach().double().cpu().numpy()
+        delta = new - old[name].detach().double().cpu().numpy()
         want = expected[name]
-        scale = float(np.abs(want).max()) if want.size else 0.0
-        floor = 4 * np.finfo(np.float32).eps * float(p_old.detach().abs().max())
-        np.testing.assert_allclose(delta, want, rtol=rtol, atol=1e-6 * scale + floor, err_msg=name)
+        bound = (
+            bounds.get(name, np.zeros_like(want)) + u * np.abs(new) * (1 + 2 * u) + np.finfo(np.float64).tiny
+        )
+        excess = np.abs(delta - want) - bound
+        assert np.all(excess <= 0), (
+            f"{name}: update off the reference beyond the bound at {int((excess > 0).sum())} entries "
+            f"(worst difference {float(np.abs(delta - want).max()):.3e})"
+        )

@@ -145,7 +145,7 @@ def test_16_mixed_with_grad_scaler_matches_direct_gradients() -> None:
     trainer = pl.Trainer(max_steps=1, plugins=[plugin], callbacks=[MMParetoCallback()], **trainer_kwargs())
     trainer.fit(model, make_loader(2))
     expected = _expected_deltas(model, "mmpareto", "per_tensor")
-    _assert_moved_by(model, before, expected, rtol=1e-4, atol_rel=1e-5)
+    _assert_moved_by(model, before, expected)
     assert plugin.scaler.get_scale() == 2.0**8  # finite step: no back-off
 
 

@@ -32,9 +32,7 @@ def test_16_mixed_on_cuda_matches_direct_gradients() -> None:
     trainer.fit(model, make_loader(2))
     model.cpu(), before.cpu()
     model.recorded = {k: [g.cpu() for g in v] for k, v in model.recorded.items()}
-    _assert_moved_by(
-        model, before, _expected_deltas(model, "mmpareto", "per_tensor"), rtol=1e-3, atol_rel=1e-4
-    )
+    _assert_moved_by(model, before, _expected_deltas(model, "mmpareto", "per_tensor"))
 
 
 def test_16_mixed_on_cuda_skips_an_infinite_step() -> None:

@@ -11,7 +11,6 @@ import copy
 import csv
 
 import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -171,7 +170,7 @@ class StepChecker(pl.Callback):
             pl_module, _encoders, lambda m: self.loss_fn(m, batch), strategy=self.strategy, seed=self.seed
         )
         lr = {id(p): g["lr"] for g in trainer.optimizers[0].param_groups for p in g["params"]}
-        self.expected = {n: deltas[n] * lr.get(id(p), 0.0) for n, p in pl_module.named_parameters()}
+        self.expected = deltas.scaled({n: lr.get(id(p), 0.0) for n, p in pl_module.named_parameters()})
         # Buffers (BatchNorm statistics) after one training-mode forward of the batch.
         ref = copy.deepcopy(pl_module)
         with torch.no_grad():
@@ -380,10 +379,8 @@ class WindowChecker(pl.Callback):
 
         expected = expected_deltas(self.before, _encoders, window_losses)
         if self.clip is not None:
-            norm = np.sqrt(sum(float((d**2).sum()) for d in expected.values()))
-            coef = min(1.0, self.clip / (norm + 1e-6))
+            expected, coef = expected.clipped(self.clip)
             assert coef < 0.5  # clipping is active
-            expected = {k: v * coef for k, v in expected.items()}
         self.expected = expected
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from mmpareto_lightning.engine.splitting import GradientSplitter
-from mmpareto_lightning.rule import RuleConfig, RuleStats, integrate_tensor_lists
+from mmpareto_lightning.rule import RuleConfig, RuleStats, integrate_encoders
 
 __all__ = ["MMParetoEngine"]
 
@@ -100,9 +100,13 @@ class MMParetoEngine:
         layouts = self.splitter.layouts
         if reduce_fn is not None:
             self._reduce_extras(reduce_fn)
-        stats = {}
-        for name, layout in layouts.items():
-            _, stats[name] = integrate_tensor_lists(layout.grads, self.config, out=layout.grads[1])
+        names = list(layouts)
+        # Every encoder in one call of the rule: its operations are shared, not repeated per encoder.
+        _, decided = integrate_encoders(
+            [layouts[n].grads for n in names], self.config, [layouts[n].grads[1] for n in names]
+        )
+        stats = dict(zip(names, decided, strict=True))
+        for layout in layouts.values():
             if not self.splitter.zero_absent:
                 # As plain autograd: a parameter no loss reached has no gradient (an optimizer then
                 # leaves it alone: no weight decay, no momentum).
@@ -133,13 +137,15 @@ class MMParetoEngine:
             layout.grads[k] = [next(views).view_as(g) for g in layout.grads[k]]
 
     def all_finite(self, stats: Mapping[str, RuleStats], parameters: Iterable[nn.Parameter] = ()) -> Tensor:
-        """0-d bool tensor: every loss of the window, every encoder gradient and ``parameters``' are finite.
+        """0-d bool tensor: every loss of the window, every encoder gradient (before and after the rule) and
+        ``parameters``' gradients are finite.
 
         The encoders' gradients are not read again: a non-finite entry makes the rule's Gram entries
         non-finite (``RuleStats.finite``). ``parameters`` are the others (heads, fusion), read once.
         Stays on the device; reading it (``bool(...)``) is the caller's one host synchronisation.
         """
-        flags = [s.finite for s in stats.values()]
+        # `fits`: finite inputs whose integrated gradient would not fit the dtype (it was written as inf).
+        flags = [s.finite & s.fits for s in stats.values()]
         if self.splitter.loss_finite is not None:
             flags.append(self.splitter.loss_finite.all())
         grads = [p.grad for p in parameters if p.grad is not None]

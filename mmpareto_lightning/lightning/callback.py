@@ -400,11 +400,18 @@ class MMParetoCallback(Callback):
         self._skipped_tensor.add_(1)
         bad_losses = self._engine.non_finite_losses()
         bad_encoders = [name for name, s in stats.items() if not bool(s.finite)]
+        too_large = [name for name, s in stats.items() if bool(s.finite) and not bool(s.fits)]
+        beyond = (
+            f"; the integrated gradient of {too_large} does not fit the gradients' dtype (finite inputs, "
+            "but the rescaled step would exceed its range: lower the learning rate or the loss scale)"
+            if too_large
+            else ""
+        )
         rank_zero_warn(
             f"MMPareto: non-finite values at global step {pl_module.trainer.global_step}: "
             f"loss(es) {bad_losses or 'none (all losses finite)'}; encoder gradients of "
-            f"{bad_encoders or 'no encoder'} (or a head's gradient) not finite. The optimizer step was "
-            "skipped (it counts as a step, as a GradScaler's skipped step does) and the parameters are "
+            f"{bad_encoders or 'no encoder'} (or a head's gradient) not finite{beyond}. The optimizer step "
+            "was skipped (it counts as a step, as a GradScaler's skipped step does) and the parameters are "
             "untouched.",
             category=RuntimeWarning,
         )

@@ -55,54 +55,57 @@ def _supports(k: int, device: torch.device) -> Tensor:
 
 
 def min_norm_simplex(gram: Tensor, max_objectives: int = 12) -> Tensor:
-    """Exact min-norm weights for ``K`` vectors from their Gram matrix.
+    """Exact min-norm weights for ``K`` vectors from their Gram matrix (or a batch of them).
 
     The optimum of ``min alpha^T G alpha`` over the simplex satisfies the KKT equations on its own
     support ``S``: ``G_S alpha_S = mu 1``, ``1^T alpha_S = 1``. All ``2^K - 1`` supports are solved at
     once as bordered linear systems (in float64, with a ridge of ``1e-12 * trace(G)`` so that repeated or
-    linearly dependent gradients still give a unique solution); the feasible solution (all weights
-    ``>= 0``) with the smallest value is the optimum. This replaces Frank-Wolfe's data-dependent stopping
-    rule, which would need a host round-trip per iteration, with a fixed number of batched kernels.
+    linearly dependent gradients still give a unique solution: the weights are exact for
+    ``G + 1e-12 trace(G) I``); the feasible solution (all weights ``>= 0``) with the smallest value is
+    the optimum. This replaces Frank-Wolfe's data-dependent stopping rule, which would need a host
+    round-trip per iteration, with a fixed number of batched kernels.
 
     Args:
-        gram: ``(K, K)`` symmetric positive semi-definite matrix.
+        gram: ``(..., K, K)`` symmetric positive semi-definite matrices.
         max_objectives: guard against the exponential number of supports.
 
     Returns:
-        ``(K,)`` weights on the simplex, in ``gram``'s dtype.
+        ``(..., K)`` weights on the simplex, in ``gram``'s dtype.
 
     Raises:
-        ValueError: for a non-square matrix or more than ``max_objectives`` objectives.
+        ValueError: for non-square matrices or more than ``max_objectives`` objectives.
     """
-    if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+    if gram.ndim < 2 or gram.shape[-1] != gram.shape[-2]:
         raise ValueError(f"`gram` must be a square matrix, got shape {tuple(gram.shape)}.")
-    k = gram.shape[0]
+    k = gram.shape[-1]
     if k > max_objectives:
         raise ValueError(
             f"min_norm_simplex solves all 2^K - 1 supports and is limited to K <= {max_objectives} "
             f"objectives per encoder, got K = {k}."
         )
-    g = gram.to(torch.float64)
+    batch = gram.shape[:-2]
+    g = gram.to(torch.float64).reshape(-1, 1, k, k)  # (E, 1, K, K)
+    tiny = torch.finfo(torch.float64).tiny
     masks = _supports(k, gram.device)  # (B, K)
     b = masks.shape[0]
-    scale = torch.diagonal(g).sum().clamp_min(torch.finfo(torch.float64).tiny)
-    ridge = 1e-12 * scale
-    # Bordered KKT system; rows and columns outside the support become identity rows with rhs 0.
-    outer = masks[:, :, None] * masks[:, None, :]
+    scale = torch.diagonal(g, dim1=-2, dim2=-1).sum(-1, keepdim=True)[..., None].clamp_min(tiny)  # (E,1,1,1)
     eye = torch.eye(k, dtype=torch.float64, device=g.device)
-    block = outer * (g + ridge * eye) / scale + (1 - masks)[:, :, None] * eye
-    system = torch.zeros(b, k + 1, k + 1, dtype=torch.float64, device=g.device)
-    system[:, :k, :k] = block
-    system[:, :k, k] = -masks
-    system[:, k, :k] = masks
+    # Bordered KKT system; rows and columns outside the support become identity rows with rhs 0.
+    outer = masks[:, :, None] * masks[:, None, :]  # (B, K, K)
+    block = outer * (g / scale + 1e-12 * eye) + (1 - masks)[:, :, None] * eye  # (E, B, K, K)
+    system = torch.zeros(*block.shape[:2], k + 1, k + 1, dtype=torch.float64, device=g.device)
+    system[..., :k, :k] = block
+    system[..., :k, k] = -masks
+    system[..., k, :k] = masks
     rhs = torch.zeros(b, k + 1, 1, dtype=torch.float64, device=g.device)
     rhs[:, k, 0].fill_(1.0)  # fill_, not "= 1.0", which copies a host scalar
-    solution, _ = torch.linalg.solve_ex(system, rhs)
-    alphas = solution[:, :k, 0] * masks
-    values = torch.einsum("bi,ij,bj->b", alphas, g, alphas)
-    feasible = (alphas >= -1e-9).all(dim=1) & torch.isfinite(values)
+    solution, _ = torch.linalg.solve_ex(system, rhs.expand(*block.shape[:2], k + 1, 1))
+    alphas = solution[..., :k, 0] * masks  # (E, B, K)
+    values = (alphas[..., :, None] * g * alphas[..., None, :]).sum((-2, -1))  # (E, B)
+    feasible = (alphas >= -1e-9).all(dim=-1) & torch.isfinite(values)
     values = torch.where(feasible, values, torch.full_like(values, float("inf")))
-    # index_select, not alphas[tensor]: indexing with a 0-d tensor reads it back to the host.
-    best = torch.index_select(alphas, 0, torch.argmin(values).reshape(1))[0].clamp_min(0)
-    best = best / best.sum().clamp_min(torch.finfo(torch.float64).tiny)
-    return best.to(gram.dtype)
+    # gather, not alphas[tensor]: indexing with a tensor of indices reads it back to the host.
+    index = torch.argmin(values, dim=1)[:, None, None].expand(-1, 1, k)
+    best = torch.gather(alphas, 1, index)[:, 0].clamp_min(0)  # (E, K)
+    best = best / best.sum(-1, keepdim=True).clamp_min(tiny)
+    return best.reshape(*batch, k).to(gram.dtype)

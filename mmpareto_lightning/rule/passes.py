@@ -5,42 +5,81 @@ Every quantity the rule decides on (cosines, min-norm weights, the norms of ``su
 matrices ``G[t, i, j] = <g_i[t], g_j[t]>``, so the gradients are read once, by :func:`tensor_grams`,
 and written once, by :func:`weighted_sum`.
 
-Two regimes. On CPU the rule is bound by memory bandwidth: a tensor larger than :data:`PIECE` entries
-is processed piece by piece, every piece by all the operations that need it one after another, so that
-only the first of them reads it from main memory, and nothing of the gradients' size is allocated. On
-accelerators the rule is bound by kernel launches: multi-tensor (``_foreach``) operations handle all
-tensors with a fixed number of kernels.
+Precision over the whole float range. The Gram entries are float64 sums of float64 products. A product
+of two float32 (or bfloat16, float16) numbers is exact in float64 (24 + 24 significant bits <= 53), and
+its magnitude lies between ``2**-298`` and ``2**256``: neither overflows nor underflows. So for any finite
+float32 gradients, from ``1e-45`` to ``3e38`` entry by entry and one objective ``1e30`` times another, the
+only error of ``G[t, i, j]`` is the float64 summation's, bounded by :func:`gram_error_bound` times
+``sum_e |g_ie g_je|``. (A float32 dot product overflows at ``1e19`` and loses everything below ``1e-19``:
+cos beta came out as -1.4e284 there.) Float64 gradients, whose products can leave the float64 range,
+are first multiplied by a power of two common to the whole call, which is exact and leaves every
+decision of the rule unchanged (all of them are ratios of Gram entries); see :func:`common_scale`.
 
-Precision. A float32 dot product over millions of entries on CPU (BLAS ``sdot``) loses up to about
-``1e-6`` relative; here no float32 sum runs over more than :data:`PIECE` products, within about
-``2e-7`` relative, and the pieces' sums are added in float64. The products themselves are rounded to
-float32, which the rule's round-off floor accounts for (see ``rule._FLOOR_FACTOR``).
+Two regimes:
+
+* CPU, bound by memory bandwidth and by the host's time per operator: tensors of at most :data:`SMALL`
+  entries are packed into one float64 row per objective and reduced per tensor by one segmented sum;
+  larger tensors go piece by piece (at most :data:`PIECE` entries), each piece converted once into a
+  float64 scratch row that stays in the cache while its dot products read it.
+* Accelerators, bound by kernel launches: the gradients of each objective lie end to end in one buffer
+  (the engine's layout; tensor lists are packed first), and a fixed number of whole-buffer operations,
+  independent of the number of tensors, computes every Gram entry (:func:`flat_grams`) and writes ``h``
+  (:func:`write_flat`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["PIECE", "Pieces", "tensor_grams", "weighted_sum"]
+__all__ = [
+    "PIECE",
+    "SMALL",
+    "Pieces",
+    "common_scale",
+    "flat_grams",
+    "flat_span",
+    "gram_error_bound",
+    "tensor_grams",
+    "weighted_sum",
+    "write_flat",
+]
 
-#: Entries per piece on CPU: two or three float32 pieces fit in a core's L2 cache (1.25 MiB on current
-#: server cores), and a float32 ``sdot`` over this many products errs by at most about 4.5 eps relative
-#: to the sum of the products' magnitudes (8.4 eps at 2**17: the floor in rule.py assumes <= 8).
-PIECE = 1 << 16
+#: Entries per piece of a large tensor on CPU: the float64 copies of one piece of every objective (2 MiB
+#: for two objectives) stay in a core's L2 or L3 cache while the dot products read them.
+PIECE = 1 << 17
+#: Tensors of at most this many entries are packed together on CPU (one segmented sum for all of them).
+SMALL = 1 << 14
+
+#: Unit round-off of float64.
+U64 = 2.0**-53
+
+
+def gram_error_bound(numel: int) -> float:
+    """Bound on the error of one Gram entry of a tensor of ``numel`` entries, relative to
+    ``sum_e |g_ie g_je|``.
+
+    The products are exact, and any order of summing ``m`` numbers in float64 errs by at most
+    ``(m - 1) u`` times the sum of their magnitudes, to first order (Higham, *Accuracy and Stability of
+    Numerical Algorithms*, section 4.2): ``numel * 2**-53`` covers one reduction over the whole tensor
+    (accelerators), a dot product per piece plus the sum of the pieces (CPU), and one segmented sum (the
+    packed small tensors). For ``numel <= 2**30`` that is below ``1.2e-7``, and in practice (blocked
+    and pairwise sums) far below.
+    """
+    return max(numel - 1, 0) * U64 * (1 + 1e-6)
 
 
 def _multi_tensor(device: torch.device) -> bool:
-    """Whether the Gram matrices come from multi-tensor operations (accelerators) or from dot products
-    (CPU, where the multi-tensor reductions are far slower than dot products)."""
+    """Whether the gradients take the accelerator path (whole-buffer operations) or the CPU path."""
     return device.type != "cpu"
 
 
 class Pieces:
-    """Views of contiguous tensors as 1-D pieces (of at most :data:`PIECE` entries on CPU, whole on
-    accelerators), made once per rule call and shared by both passes."""
+    """Views of contiguous tensors as 1-D pieces (of at most :data:`PIECE` entries), made once per rule
+    call and shared by both passes on CPU."""
 
     def __init__(self) -> None:
         self._views: dict[tuple[int, int], Sequence[Tensor]] = {}
@@ -50,70 +89,214 @@ class Pieces:
         views = self._views.get(key)
         if views is None:
             flat = t if t.ndim == 1 else t.view(-1)
-            views = flat.split(PIECE) if flat.numel() > PIECE and not _multi_tensor(t.device) else (flat,)
+            views = flat.split(PIECE) if flat.numel() > PIECE else (flat,)
             self._views[key] = views
         return views
 
 
-def tensor_grams(grads: Sequence[Sequence[Tensor]], pieces: Pieces | None = None) -> Tensor:
-    """``(T, K, K)`` float64 Gram matrices: ``G[t, i, j]`` is the dot product of ``grads[i][t]`` and
-    ``grads[j][t]``.
+def common_scale(grads: Sequence[Sequence[Tensor]]) -> Tensor | None:
+    """For float64 gradients, a power of two that brings the largest entry of all of them near 1 (``None``
+    for narrower dtypes, whose products cannot leave the float64 range).
 
-    On CPU: dot products, tensor by tensor and piece by piece, no temporary. Elsewhere: a fixed number
-    of multi-tensor operations, at the price of one temporary of the size of one gradient.
+    Multiplying every gradient by one power of two is exact and scales every Gram entry by its square:
+    the rule's decisions are ratios of Gram entries and do not change.
+    """
+    if grads[0][0].dtype != torch.float64:
+        return None
+    largest = torch.stack(torch._foreach_norm([t for lst in grads for t in lst], float("inf"))).max()
+    exponent = torch.frexp(largest).exponent  # largest = m * 2**e with 0.5 <= m < 1 (0 -> e = 0)
+    return torch.ldexp(torch.ones_like(largest), -exponent)
+
+
+# ----------------------------------------------------------------------------------------------- read
+
+
+def tensor_grams(
+    grads: Sequence[Sequence[Tensor]],
+    pieces: Pieces | None = None,
+    scale: Tensor | None = None,
+    counts: Sequence[int] | None = None,
+) -> Tensor:
+    """``(T, K, K)`` float64 Gram matrices: ``G[t, i, j]`` is the dot product of ``grads[i][t]`` and
+    ``grads[j][t]`` (times ``scale**2``).
 
     Args:
         grads: ``K`` lists of ``T`` tensors; ``grads[i][t]`` all have the same shape, dtype (float32 or
             float64) and device.
         pieces: the piece views to use (to share them with :func:`weighted_sum`).
+        scale: a power of two to multiply the gradients by first (:func:`common_scale` for float64
+            gradients; ``None`` for narrower ones).
+        counts: the number of tensors of each encoder when ``grads`` holds several encoders one after
+            another (on accelerators each encoder may have its own flat buffers).
 
     Returns:
-        A float64 tensor of shape ``(T, K, K)`` on the gradients' device.
+        A float64 tensor of shape ``(T, K, K)`` on the gradients' device. Each entry errs by at most
+        ``gram_error_bound(numel)`` times ``sum_e |g_ie g_je|`` (the products are exact).
     """
-    k, n = len(grads), len(grads[0])
-    pairs = [(i, j) for i in range(k) for j in range(i, k)]
-    # Both triangles from one entry: identical gradients give bit-identical Gram entries.
-    order = [pairs.index((min(i, j), max(i, j))) for i in range(k) for j in range(k)]
     if _multi_tensor(grads[0][0].device):
-        packed = _pair_sums_by_foreach(grads, pairs)
-        return torch.stack([packed[p] for p in order], dim=1).view(n, k, k)
-    pieces = pieces or Pieces()
-    dots = [_dots_by_piece(tensors, pairs, pieces) for tensors in zip(*grads, strict=True)]
-    return torch.stack([d[p] for d in dots for p in order]).to(torch.float64).view(n, k, k)
+        grams = [flat_grams(spans, sizes, scale) for spans, sizes in _flat_runs(grads, counts)]
+        return grams[0] if len(grams) == 1 else torch.cat(grams)
+    return _cpu_grams(grads, pieces or Pieces(), scale)
 
 
-def _pair_sums_by_foreach(grads: Sequence[Sequence[Tensor]], pairs: Sequence[tuple[int, int]]) -> Tensor:
-    """``(pairs, T)`` float64 dot products from multi-tensor operations.
+def _pairs(k: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """The pairs ``i <= j`` and, for every ``(i, j)`` of the full matrix, the index of its pair: both
+    triangles come from one entry, so identical gradients give bit-identical Gram entries."""
+    pairs = [(i, j) for i in range(k) for j in range(i, k)]
+    order = [pairs.index((min(i, j), max(i, j))) for i in range(k) for j in range(k)]
+    return pairs, order
 
-    There is no multi-tensor dot product, so a sum of products comes from absolute sums, accumulated in
-    float64: ``sum(p) = sum(|p|) - 2 sum(|min(p, 0)|)``, whose round-off is that of rounding the products
-    to float32. The diagonal is computed the same way, so that identical gradients give bit-identical
-    Gram entries.
+
+_INDEX_CACHE: dict[tuple[object, ...], Tensor] = {}
+
+
+def cached_tensor(key: tuple[object, ...], make: Callable[[], Tensor]) -> Tensor:
+    """A small constant tensor (indices, lengths) made once per layout and device: building it from
+    Python data every call would copy it from the host each time."""
+    value = _INDEX_CACHE.get(key)
+    if value is None:
+        if len(_INDEX_CACHE) >= 256:
+            _INDEX_CACHE.clear()
+        value = _INDEX_CACHE[key] = make()
+    return value
+
+
+def _cpu_grams(grads: Sequence[Sequence[Tensor]], pieces: Pieces, scale: Tensor | None) -> Tensor:
+    k, n = len(grads), len(grads[0])
+    pairs, order = _pairs(k)
+    small = [t for t in range(n) if grads[0][t].numel() <= SMALL]
+    large = [t for t in range(n) if grads[0][t].numel() > SMALL]
+    parts = []
+    if small:
+        parts.append(_packed_pair_sums(grads, small, pairs, scale))
+    if large:
+        parts.append(_pieced_pair_sums(grads, large, pairs, pieces, scale))
+    sums = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (pairs, T), small ones first
+    # Back to the tensors' order, and to full (T, K, K) matrices, by cached indices: indexing with
+    # Python lists would build index tensors from host data every call.
+    columns = cached_tensor(
+        ("columns", tuple(small), tuple(large)), lambda: torch.tensor(_inverse([*small, *large]))
+    )
+    entries = cached_tensor(("entries", k), lambda: torch.tensor(order))
+    return sums.index_select(1, columns).index_select(0, entries).t().reshape(n, k, k)
+
+
+def _inverse(permutation: list[int]) -> list[int]:
+    inverse = [0] * len(permutation)
+    for position, value in enumerate(permutation):
+        inverse[value] = position
+    return inverse
+
+
+def _packed_pair_sums(
+    grads: Sequence[Sequence[Tensor]], chosen: list[int], pairs: list[tuple[int, int]], scale: Tensor | None
+) -> Tensor:
+    """``(pairs, len(chosen))`` dot products of small tensors: every objective's tensors packed into one
+    float64 row, the pairs' products, one segmented sum."""
+    k = len(grads)
+    sizes = [grads[0][t].numel() for t in chosen]
+    rows = torch.empty(k, sum(sizes), dtype=torch.float64)
+    for i in range(k):
+        torch.cat([grads[i][t].reshape(-1) for t in chosen], out=rows[i])
+    if scale is not None:
+        rows.mul_(scale)
+    left = cached_tensor(("left", k), lambda: torch.tensor([i for i, _ in pairs]))
+    right = cached_tensor(("right", k), lambda: torch.tensor([j for _, j in pairs]))
+    lengths = cached_tensor(("lengths", k, tuple(sizes)), lambda: torch.tensor(sizes).expand(len(pairs), -1))
+    products = rows.index_select(0, left).mul_(rows.index_select(0, right))
+    return torch.segment_reduce(products, "sum", lengths=lengths, axis=1)
+
+
+def _pieced_pair_sums(
+    grads: Sequence[Sequence[Tensor]],
+    chosen: list[int],
+    pairs: list[tuple[int, int]],
+    pieces: Pieces,
+    scale: Tensor | None,
+) -> Tensor:
+    """``(pairs, len(chosen))`` dot products of large tensors, piece by piece: each piece of each objective
+    is converted once into a float64 scratch row (read from memory once), then every pair's dot product
+    reads the rows from the cache."""
+    k = len(grads)
+    scratch = torch.empty(k, PIECE, dtype=torch.float64)
+    columns = []
+    for t in chosen:
+        tensors = [g[t] if g[t].is_contiguous() else g[t].contiguous() for g in grads]
+        dots: list[list[Tensor]] = [[] for _ in pairs]
+        for piece in zip(*(pieces(x) for x in tensors), strict=True):
+            m = piece[0].numel()
+            rows = scratch[:, :m]
+            for i in range(k):
+                if scale is None:
+                    rows[i].copy_(piece[i])
+                else:
+                    torch.mul(piece[i], scale, out=rows[i])
+            for p, (i, j) in enumerate(pairs):
+                dots[p].append(torch.dot(rows[i], rows[j]))
+        columns.append(torch.stack([torch.stack(d).sum() if len(d) > 1 else d[0] for d in dots]))
+    return torch.stack(columns, dim=1)
+
+
+def flat_span(tensors: Sequence[Tensor]) -> Tensor | None:
+    """One 1-D view over the tensors when they lie end to end, contiguous, in one storage (the engine's
+    layout on accelerators), else ``None``. Decided from storages and offsets, not addresses, so that it
+    holds for ``meta`` tensors too (where every address is 0)."""
+    first = tensors[0]
+    storage = first.untyped_storage()
+    offset = first.storage_offset()
+    for t in tensors:
+        if (
+            t.storage_offset() != offset
+            or not t.is_contiguous()
+            or t.untyped_storage()._cdata != storage._cdata
+        ):
+            return None
+        offset += t.numel()
+    return first.as_strided((offset - first.storage_offset(),), (1,))
+
+
+def _flat_runs(
+    grads: Sequence[Sequence[Tensor]], counts: Sequence[int] | None
+) -> list[tuple[list[Tensor], list[int]]]:
+    """The gradients as flat spans: one run for all of them if they lie end to end (the engine's layout
+    for all encoders), else one run per encoder that does, else packed copies (one view per tensor, one
+    copy per objective)."""
+    spans = [flat_span(lst) for lst in grads]
+    if all(s is not None for s in spans):
+        return [(spans, [t.numel() for t in grads[0]])]  # type: ignore[list-item]
+    runs, start = [], 0
+    for count in counts or [len(grads[0])]:
+        part = [lst[start : start + count] for lst in grads]
+        spans = [flat_span(lst) for lst in part]
+        if any(s is None for s in spans):
+            spans = [torch.cat([t.reshape(-1) for t in lst]) for lst in part]
+        runs.append((spans, [t.numel() for t in part[0]]))
+        start += count
+    return runs  # type: ignore[return-value]
+
+
+def flat_grams(spans: Sequence[Tensor], sizes: Sequence[int], scale: Tensor | None = None) -> Tensor:
+    """``(T, K, K)`` float64 Gram matrices of ``K`` flat gradients whose tensors have ``sizes`` entries, in
+    a fixed number of whole-buffer operations, whatever ``T``: one ``stack`` of the gradients entry by
+    entry, one conversion to float64 (times ``scale`` if given), one multiplication forming the ``K x K``
+    products of every entry, one segmented sum per tensor.
+
+    The temporaries hold ``K + K**2`` float64 copies of the gradients, freed on return (after the
+    backward, when the activations they reuse are gone). Both triangles come from products of the same
+    numbers in the same order, so ``G[t, i, j] == G[t, j, i]`` bit for bit.
     """
-    lists = [list(g) for g in grads]
-    sums: list[Tensor] = []
-    for i, j in pairs:
-        products = torch._foreach_mul(lists[i], lists[j])
-        sums.extend(torch._foreach_powsum(products, 1, dtype=torch.float64))
-        torch._foreach_clamp_max_(products, 0.0)
-        sums.extend(torch._foreach_powsum(products, 1, dtype=torch.float64))
-    raw = torch.stack(sums).view(len(pairs), 2, len(lists[0]))
-    return raw[:, 0] - 2 * raw[:, 1]
+    device = spans[0].device
+    entries = torch.stack(list(spans), dim=1).to(torch.float64)  # (N, K)
+    if scale is not None:
+        entries = entries * scale
+    lengths = cached_tensor(
+        ("lengths", tuple(sizes), device), lambda: torch.tensor(list(sizes), device=device)
+    )
+    products = entries.unsqueeze(2) * entries.unsqueeze(1)  # (N, K, K)
+    return torch.segment_reduce(products, "sum", lengths=lengths, axis=0)
 
 
-def _dots_by_piece(
-    tensors: Sequence[Tensor], pairs: Sequence[tuple[int, int]], pieces: Pieces
-) -> list[Tensor]:
-    """Dot products of the pairs, piece by piece (a piece is read from memory by its first dot product
-    only), the pieces' float32 sums added in float64."""
-    if tensors[0].numel() <= PIECE or not tensors[0].is_contiguous():
-        flat = [t if t.ndim == 1 else t.reshape(-1) for t in tensors]
-        return [torch.dot(flat[i], flat[j]) for i, j in pairs]
-    dots: list[list[Tensor]] = [[] for _ in pairs]
-    for piece in zip(*(pieces(t) for t in tensors), strict=True):
-        for p, (i, j) in enumerate(pairs):
-            dots[p].append(torch.dot(piece[i], piece[j]))
-    return [torch.stack(d).sum(dtype=torch.float64) for d in dots]
+# ---------------------------------------------------------------------------------------------- write
 
 
 def weighted_sum(
@@ -121,13 +304,15 @@ def weighted_sum(
     coefficients: Tensor,
     out: Sequence[Tensor] | None = None,
     pieces: Pieces | None = None,
+    counts: Sequence[int] | None = None,
 ) -> list[Tensor]:
     """``h[t] = sum_i coefficients[i, t] * grads[i][t]``, written once.
 
     A multiply, then a fused multiply-add per further gradient: multi-tensor operations over the
     tensors, except on CPU for tensors above :data:`PIECE` entries, which go piece by piece so that the
     multiply-add finds the piece it adds to in the cache, and on accelerators for gradients that lie end
-    to end in flat buffers (the engine's layout), which take one kernel per gradient over each buffer.
+    to end in flat buffers (the engine's layout), which take one operation per gradient over each buffer
+    (:func:`write_flat`).
 
     Args:
         grads: ``K`` lists of ``T`` tensors.
@@ -135,6 +320,8 @@ def weighted_sum(
         out: ``T`` tensors to write into: separate from ``grads``, or the tensors of one of its lists
             (that list is scaled in place first, then the others are added).
         pieces: the piece views to use (to share them with :func:`tensor_grams`).
+        counts: the number of tensors of each encoder, when ``grads`` holds several (on accelerators the
+            flat write then also works per encoder).
 
     Returns:
         ``out``, or new tensors.
@@ -153,11 +340,25 @@ def weighted_sum(
     first = aliased[0] if aliased else 0
     order = [first, *(i for i in range(k) if i != first)]
     if out is not None and _multi_tensor(lists[0][0].device):
-        spans = [_flat_span(lst) for lst in [*(lists[i] for i in order), list(out)]]
-        if all(span is not None for span in spans):
-            # Rows picked by integer indexing: indexing with a list would copy the list to the device.
-            rows = torch.stack([coefficients[i] for i in order])
-            _write_spans(spans, rows, [t.numel() for t in lists[0]])  # type: ignore[arg-type]
+        device = coefficients.device
+        index = cached_tensor(("order", tuple(order), device), lambda: torch.tensor(order, device=device))
+        rows = coefficients.index_select(0, index)
+        everything = [*(lists[i] for i in order), list(out)]
+        whole = [flat_span(lst) for lst in everything]
+        runs: list[tuple[int, int, list[Tensor | None]]] = []
+        if all(span is not None for span in whole):
+            runs = [(0, n, whole)]
+        else:
+            bounds = [0, *itertools.accumulate(counts or [n])]
+            runs = [
+                (a, b, [flat_span(lst[a:b]) for lst in everything]) for a, b in itertools.pairwise(bounds)
+            ]
+            if any(span is None for _, _, spans in runs for span in spans):
+                runs = []
+        for a, b, spans in runs:
+            columns = rows if (a, b) == (0, n) else rows[:, a:b]
+            write_flat(spans[:-1], columns, [t.numel() for t in lists[0][a:b]], spans[-1])  # type: ignore[arg-type]
+        if runs:
             return list(out)
     scalars = [list(row.unbind()) for row in coefficients]
     if _multi_tensor(lists[0][0].device):
@@ -201,11 +402,13 @@ def _weighted_sum_per_tensor(
     out: Sequence[Tensor] | None,
     aliased: list[int],
 ) -> list[Tensor]:
-    """The write on accelerators, with per-tensor 0-d coefficient tensors that stay on the device.
+    """The write on accelerators for gradients that are not in flat buffers, with per-tensor 0-d
+    coefficient tensors that stay on the device.
 
     Python's ``torch._foreach_mul_(tensors, [0-d tensors])`` binds the coefficients as a list of
     *scalars* and reads each one back to the host (a synchronisation per tensor); the explicit
-    ``.List`` overload keeps them tensors (one kernel per tensor, no synchronisation).
+    ``.List`` overload keeps them tensors (one kernel per tensor, no synchronisation). The engine's
+    flat layout avoids this path.
     """
     first = order[0]
     if out is None:
@@ -221,43 +424,19 @@ def _weighted_sum_per_tensor(
     return dest
 
 
-def _flat_span(tensors: Sequence[Tensor]) -> Tensor | None:
-    """One 1-D view over the tensors when they lie end to end in one storage (the engine's layout)."""
-    first = tensors[0]
-    size, address = first.element_size(), first.data_ptr()
-    for t in tensors:
-        if t.data_ptr() != address or not t.is_contiguous():
-            return None
-        address += t.numel() * size
-    total = (address - first.data_ptr()) // size
-    # Consecutive addresses inside the first tensor's storage are that storage.
-    if first.storage_offset() + total > first.untyped_storage().nbytes() // size:
-        return None
-    return first.as_strided((total,), (1,))
-
-
-_SIZES: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
-
-
-def _write_spans(spans: Sequence[Tensor], coefficients: Tensor, sizes: list[int]) -> None:
-    """``spans[-1] = sum_i coefficients[i, t] * spans[i]`` over flat spans, ``t`` the tensor of each entry.
+def write_flat(spans: Sequence[Tensor], coefficients: Tensor, sizes: Sequence[int], out: Tensor) -> None:
+    """``out = sum_i coefficients[i, t] * spans[i]`` over flat gradients, ``t`` the tensor of each entry.
 
     Per-tensor coefficients would make multi-tensor operations fall back to one kernel per tensor;
-    expanded to one coefficient per entry they take one kernel per gradient over the whole span.
+    expanded to one coefficient per entry (one ``repeat_interleave``) they take one kernel per gradient
+    over the whole buffer. ``out`` may be ``spans[0]`` (it is read before it is written).
     """
     device = spans[0].device
-    key = (tuple(sizes), device)
-    repeats = _SIZES.get(key)
-    if repeats is None:
-        # Made once per layout: the host-to-device copy is not repeated on later steps.
-        if len(_SIZES) >= 64:
-            _SIZES.clear()
-        repeats = _SIZES[key] = torch.tensor(sizes, device=device)
+    repeats = cached_tensor(("sizes", tuple(sizes), device), lambda: torch.tensor(list(sizes), device=device))
     per_entry = torch.repeat_interleave(coefficients, repeats, dim=1, output_size=spans[0].numel())
-    destination = spans[-1]
-    torch.mul(spans[0], per_entry[0], out=destination)
-    for span, c in zip(spans[1:-1], per_entry[1:], strict=True):
-        destination.addcmul_(span, c)
+    torch.mul(spans[0], per_entry[0], out=out)
+    for span, c in zip(spans[1:], per_entry[1:], strict=True):
+        out.addcmul_(span, c)
 
 
 def _blockwise(tensors: Sequence[Tensor]) -> bool:
@@ -273,8 +452,16 @@ def _aliased(out: Sequence[Tensor], lists: list[list[Tensor]]) -> list[int]:
     whose first tensor it does not share)."""
     found = []
     for i, lst in enumerate(lists):
-        if out[0].data_ptr() == lst[0].data_ptr():
-            if any(o.data_ptr() != g.data_ptr() for o, g in zip(out, lst, strict=True)):
+        if _same_memory(out[0], lst[0]):
+            if not all(_same_memory(o, g) for o, g in zip(out, lst, strict=True)):
                 raise ValueError(f"`out` aliases gradient list {i} only in part; alias all of it or none.")
             found.append(i)
     return found
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors start at the same place of the same storage (decided without addresses, which
+    ``meta`` tensors lack)."""
+    return (
+        a.storage_offset() == b.storage_offset() and a.untyped_storage()._cdata == b.untyped_storage()._cdata
+    )
