@@ -30,9 +30,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from mmpareto_lightning.rule import passes
+from mmpareto_lightning.rule.chunked import ChunkedGradients
 from mmpareto_lightning.rule.config import RESCALE_MODES, STRATEGIES, RuleConfig, RuleStats
 from mmpareto_lightning.rule.decide import decide
-from mmpareto_lightning.rule.passes import Pieces, common_scale, tensor_grams, weighted_sum
+from mmpareto_lightning.rule.passes import Pieces, common_scale
 
 __all__ = [
     "RESCALE_MODES",
@@ -193,15 +195,23 @@ def _integrate(
         target = list(out) if out is not None else [torch.empty_like(t) for t in lists[0]]
         torch._foreach_copy_(target, result)
         return target, narrowed
-    dtype, pieces = lists[0][0].dtype, Pieces()
+    dtype = lists[0][0].dtype
     scale = common_scale(lists)
-    grams = tensor_grams(lists, pieces, scale, counts)
-    if gram_reduce is not None:
-        grams = gram_reduce(grams)
     # The Gram entries of float64 gradients are those of the gradients times `scale`.
     limit = _LARGEST[dtype] if scale is None else scale * torch.finfo(dtype).max
+    if passes._multi_tensor(lists[0][0].device):
+        chunked = ChunkedGradients(lists, scale, counts)
+        grams = chunked.grams()
+        if gram_reduce is not None:
+            grams = gram_reduce(grams)
+        coefficients, stats = decide(grams, counts, config, limit)
+        return chunked.write(coefficients, out), stats
+    pieces = Pieces()
+    grams = passes.tensor_grams(lists, pieces, scale)
+    if gram_reduce is not None:
+        grams = gram_reduce(grams)
     coefficients, stats = decide(grams, counts, config, limit)
-    return weighted_sum(lists, coefficients.to(dtype), out, pieces, counts), stats
+    return passes.weighted_sum(lists, coefficients.to(dtype), out, pieces), stats
 
 
 def _check_lists(lists: list[list[Tensor]], out: Sequence[Tensor] | None) -> None:

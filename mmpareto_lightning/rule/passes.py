@@ -21,15 +21,13 @@ Two regimes:
   entries are packed into one float64 row per objective and reduced per tensor by one segmented sum;
   larger tensors go piece by piece (at most :data:`PIECE` entries), each piece converted once into a
   float64 scratch row that stays in the cache while its dot products read it.
-* Accelerators, bound by kernel launches: the gradients of each objective lie end to end in one buffer
-  (the engine's layout; tensor lists are packed first), and a fixed number of whole-buffer operations,
-  independent of the number of tensors, computes every Gram entry (:func:`flat_grams`) and writes ``h``
-  (:func:`write_flat`).
+* Accelerators, bound by kernel launches: :mod:`.chunked` lays the gradients out chunk-aligned in float64
+  rows and computes every Gram entry, and writes ``h``, in a fixed number of batched operations whatever
+  the number of tensors.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -39,13 +37,11 @@ __all__ = [
     "PIECE",
     "SMALL",
     "Pieces",
+    "cached_tensor",
     "common_scale",
-    "flat_grams",
-    "flat_span",
     "gram_error_bound",
     "tensor_grams",
     "weighted_sum",
-    "write_flat",
 ]
 
 #: Entries per piece of a large tensor on CPU: the float64 copies of one piece of every objective (2 MiB
@@ -115,7 +111,6 @@ def tensor_grams(
     grads: Sequence[Sequence[Tensor]],
     pieces: Pieces | None = None,
     scale: Tensor | None = None,
-    counts: Sequence[int] | None = None,
 ) -> Tensor:
     """``(T, K, K)`` float64 Gram matrices: ``G[t, i, j]`` is the dot product of ``grads[i][t]`` and
     ``grads[j][t]`` (times ``scale**2``).
@@ -126,16 +121,17 @@ def tensor_grams(
         pieces: the piece views to use (to share them with :func:`weighted_sum`).
         scale: a power of two to multiply the gradients by first (:func:`common_scale` for float64
             gradients; ``None`` for narrower ones).
-        counts: the number of tensors of each encoder when ``grads`` holds several encoders one after
-            another (on accelerators each encoder may have its own flat buffers).
 
     Returns:
         A float64 tensor of shape ``(T, K, K)`` on the gradients' device. Each entry errs by at most
         ``gram_error_bound(numel)`` times ``sum_e |g_ie g_je|`` (the products are exact).
     """
     if _multi_tensor(grads[0][0].device):
-        grams = [flat_grams(spans, sizes, scale) for spans, sizes in _flat_runs(grads, counts)]
-        return grams[0] if len(grams) == 1 else torch.cat(grams)
+        from mmpareto_lightning.rule.chunked import (
+            ChunkedGradients,
+        )  # the accelerator layout imports this module
+
+        return ChunkedGradients(grads, scale).grams()
     return _cpu_grams(grads, pieces or Pieces(), scale)
 
 
@@ -237,65 +233,6 @@ def _pieced_pair_sums(
     return torch.stack(columns, dim=1)
 
 
-def flat_span(tensors: Sequence[Tensor]) -> Tensor | None:
-    """One 1-D view over the tensors when they lie end to end, contiguous, in one storage (the engine's
-    layout on accelerators), else ``None``. Decided from storages and offsets, not addresses, so that it
-    holds for ``meta`` tensors too (where every address is 0)."""
-    first = tensors[0]
-    storage = first.untyped_storage()
-    offset = first.storage_offset()
-    for t in tensors:
-        if (
-            t.storage_offset() != offset
-            or not t.is_contiguous()
-            or t.untyped_storage()._cdata != storage._cdata
-        ):
-            return None
-        offset += t.numel()
-    return first.as_strided((offset - first.storage_offset(),), (1,))
-
-
-def _flat_runs(
-    grads: Sequence[Sequence[Tensor]], counts: Sequence[int] | None
-) -> list[tuple[list[Tensor], list[int]]]:
-    """The gradients as flat spans: one run for all of them if they lie end to end (the engine's layout
-    for all encoders), else one run per encoder that does, else packed copies (one view per tensor, one
-    copy per objective)."""
-    spans = [flat_span(lst) for lst in grads]
-    if all(s is not None for s in spans):
-        return [(spans, [t.numel() for t in grads[0]])]  # type: ignore[list-item]
-    runs, start = [], 0
-    for count in counts or [len(grads[0])]:
-        part = [lst[start : start + count] for lst in grads]
-        spans = [flat_span(lst) for lst in part]
-        if any(s is None for s in spans):
-            spans = [torch.cat([t.reshape(-1) for t in lst]) for lst in part]
-        runs.append((spans, [t.numel() for t in part[0]]))
-        start += count
-    return runs  # type: ignore[return-value]
-
-
-def flat_grams(spans: Sequence[Tensor], sizes: Sequence[int], scale: Tensor | None = None) -> Tensor:
-    """``(T, K, K)`` float64 Gram matrices of ``K`` flat gradients whose tensors have ``sizes`` entries, in
-    a fixed number of whole-buffer operations, whatever ``T``: one ``stack`` of the gradients entry by
-    entry, one conversion to float64 (times ``scale`` if given), one multiplication forming the ``K x K``
-    products of every entry, one segmented sum per tensor.
-
-    The temporaries hold ``K + K**2`` float64 copies of the gradients, freed on return (after the
-    backward, when the activations they reuse are gone). Both triangles come from products of the same
-    numbers in the same order, so ``G[t, i, j] == G[t, j, i]`` bit for bit.
-    """
-    device = spans[0].device
-    entries = torch.stack(list(spans), dim=1).to(torch.float64)  # (N, K)
-    if scale is not None:
-        entries = entries * scale
-    lengths = cached_tensor(
-        ("lengths", tuple(sizes), device), lambda: torch.tensor(list(sizes), device=device)
-    )
-    products = entries.unsqueeze(2) * entries.unsqueeze(1)  # (N, K, K)
-    return torch.segment_reduce(products, "sum", lengths=lengths, axis=0)
-
-
 # ---------------------------------------------------------------------------------------------- write
 
 
@@ -304,15 +241,14 @@ def weighted_sum(
     coefficients: Tensor,
     out: Sequence[Tensor] | None = None,
     pieces: Pieces | None = None,
-    counts: Sequence[int] | None = None,
 ) -> list[Tensor]:
     """``h[t] = sum_i coefficients[i, t] * grads[i][t]``, written once.
 
     A multiply, then a fused multiply-add per further gradient: multi-tensor operations over the
     tensors, except on CPU for tensors above :data:`PIECE` entries, which go piece by piece so that the
-    multiply-add finds the piece it adds to in the cache, and on accelerators for gradients that lie end
-    to end in flat buffers (the engine's layout), which take one operation per gradient over each buffer
-    (:func:`write_flat`).
+    multiply-add finds the piece it adds to in the cache. (On accelerators the rule writes through
+    :class:`.chunked.ChunkedGradients` instead; this function's multi-tensor fallback there takes one
+    kernel per tensor.)
 
     Args:
         grads: ``K`` lists of ``T`` tensors.
@@ -320,8 +256,6 @@ def weighted_sum(
         out: ``T`` tensors to write into: separate from ``grads``, or the tensors of one of its lists
             (that list is scaled in place first, then the others are added).
         pieces: the piece views to use (to share them with :func:`tensor_grams`).
-        counts: the number of tensors of each encoder, when ``grads`` holds several (on accelerators the
-            flat write then also works per encoder).
 
     Returns:
         ``out``, or new tensors.
@@ -339,27 +273,6 @@ def weighted_sum(
     pieces = pieces or Pieces()
     first = aliased[0] if aliased else 0
     order = [first, *(i for i in range(k) if i != first)]
-    if out is not None and _multi_tensor(lists[0][0].device):
-        device = coefficients.device
-        index = cached_tensor(("order", tuple(order), device), lambda: torch.tensor(order, device=device))
-        rows = coefficients.index_select(0, index)
-        everything = [*(lists[i] for i in order), list(out)]
-        whole = [flat_span(lst) for lst in everything]
-        runs: list[tuple[int, int, list[Tensor | None]]] = []
-        if all(span is not None for span in whole):
-            runs = [(0, n, whole)]
-        else:
-            bounds = [0, *itertools.accumulate(counts or [n])]
-            runs = [
-                (a, b, [flat_span(lst[a:b]) for lst in everything]) for a, b in itertools.pairwise(bounds)
-            ]
-            if any(span is None for _, _, spans in runs for span in spans):
-                runs = []
-        for a, b, spans in runs:
-            columns = rows if (a, b) == (0, n) else rows[:, a:b]
-            write_flat(spans[:-1], columns, [t.numel() for t in lists[0][a:b]], spans[-1])  # type: ignore[arg-type]
-        if runs:
-            return list(out)
     scalars = [list(row.unbind()) for row in coefficients]
     if _multi_tensor(lists[0][0].device):
         return _weighted_sum_per_tensor(lists, scalars, order, out, aliased)
@@ -402,13 +315,12 @@ def _weighted_sum_per_tensor(
     out: Sequence[Tensor] | None,
     aliased: list[int],
 ) -> list[Tensor]:
-    """The write on accelerators for gradients that are not in flat buffers, with per-tensor 0-d
-    coefficient tensors that stay on the device.
+    """The multi-tensor write on accelerators, with per-tensor 0-d coefficient tensors that stay on the
+    device.
 
     Python's ``torch._foreach_mul_(tensors, [0-d tensors])`` binds the coefficients as a list of
     *scalars* and reads each one back to the host (a synchronisation per tensor); the explicit
-    ``.List`` overload keeps them tensors (one kernel per tensor, no synchronisation). The engine's
-    flat layout avoids this path.
+    ``.List`` overload keeps them tensors (one kernel per tensor, no synchronisation).
     """
     first = order[0]
     if out is None:
@@ -422,21 +334,6 @@ def _weighted_sum_per_tensor(
         # tensor2 of addcmul is always a tensor list: no read-back here.
         torch._foreach_addcmul_(dest, lists[i], scalars[i])
     return dest
-
-
-def write_flat(spans: Sequence[Tensor], coefficients: Tensor, sizes: Sequence[int], out: Tensor) -> None:
-    """``out = sum_i coefficients[i, t] * spans[i]`` over flat gradients, ``t`` the tensor of each entry.
-
-    Per-tensor coefficients would make multi-tensor operations fall back to one kernel per tensor;
-    expanded to one coefficient per entry (one ``repeat_interleave``) they take one kernel per gradient
-    over the whole buffer. ``out`` may be ``spans[0]`` (it is read before it is written).
-    """
-    device = spans[0].device
-    repeats = cached_tensor(("sizes", tuple(sizes), device), lambda: torch.tensor(list(sizes), device=device))
-    per_entry = torch.repeat_interleave(coefficients, repeats, dim=1, output_size=spans[0].numel())
-    torch.mul(spans[0], per_entry[0], out=out)
-    for span, c in zip(spans[1:], per_entry[1:], strict=True):
-        out.addcmul_(span, c)
 
 
 def _blockwise(tensors: Sequence[Tensor]) -> bool:

@@ -1,0 +1,147 @@
+"""The rule's passes on accelerators: gradients in chunk-aligned float64 rows, the Gram matrices and the
+write each as one batched matrix product, whatever the number of tensors.
+
+On a GPU the rule is bound by kernel launches, not by arithmetic. Here every tensor of every objective
+starts at a multiple of :data:`CHUNK` entries in one zero-padded buffer per call, widened to float64
+(:class:`ChunkedGradients`): a chunk then belongs to exactly one tensor, so
+
+* the Gram matrices are one ``bmm`` of the ``(chunks, K, CHUNK)`` view with its transpose, giving each
+  chunk's ``K x K`` products summed, then one ``segment_reduce`` adding each tensor's chunks;
+* the write is one ``bmm`` of each chunk's coefficients ``(chunks, 1, K)`` with the same view, in
+  float64, rounded once to the gradients' dtype.
+
+Both are exact-product float64 computations (see :mod:`.passes` for the precision statement and
+:func:`.passes.gram_error_bound`); no temporary holds more than the float64 rows (``2 K`` float32 copies
+of the gradients) and the result. Gradients that already lie in such a layout (:func:`chunk_layout`:
+the engine's buffers) are used in place and widened by one conversion; others are copied in by one
+multi-tensor copy, at the price of a view per tensor on the host (no kernel).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mmpareto_lightning.rule.passes import cached_tensor
+
+__all__ = ["CHUNK", "ChunkedGradients", "chunk_layout", "chunked_sizes"]
+
+#: Entries per chunk: the padding of each tensor (at most ``CHUNK - 1`` zeros) stays a few percent of an
+#: encoder, and a chunk's ``K x CHUNK`` block is a well-shaped matrix product.
+CHUNK = 1 << 12
+
+
+def chunked_sizes(sizes: Sequence[int]) -> list[int]:
+    """Each tensor's size rounded up to a whole number of chunks (at least one)."""
+    return [max(1, -(-n // CHUNK)) * CHUNK for n in sizes]
+
+
+def chunk_layout(tensors: Sequence[Tensor]) -> Tensor | None:
+    """The buffer the tensors lie in, when they lie in it chunk-aligned, one after another (the engine's
+    layout on accelerators), else ``None``. Decided from storages and offsets, not addresses, so that it
+    holds for ``meta`` tensors too (where every address is 0)."""
+    first = tensors[0]
+    storage = first.untyped_storage()
+    start = offset = first.storage_offset()
+    for t, padded in zip(tensors, chunked_sizes([t.numel() for t in tensors]), strict=True):
+        if (
+            t.storage_offset() != offset
+            or not t.is_contiguous()
+            or t.untyped_storage()._cdata != storage._cdata
+        ):
+            return None
+        offset += padded
+    if offset * first.element_size() > storage.nbytes():
+        return None
+    return first.as_strided((offset - start,), (1,), start)
+
+
+class ChunkedGradients:
+    """``K`` objectives' gradients as float64 rows ``(K, chunks * CHUNK)``, chunk-aligned per tensor.
+
+    Args:
+        grads: ``K`` lists of ``T`` tensors (same shapes across lists).
+        scale: a power of two to multiply by (float64 gradients; see :func:`.passes.common_scale`).
+    """
+
+    def __init__(
+        self,
+        grads: Sequence[Sequence[Tensor]],
+        scale: Tensor | None = None,
+        counts: Sequence[int] | None = None,
+    ) -> None:
+        first = grads[0][0]
+        self.device, self.dtype = first.device, first.dtype
+        self.shapes = [t.shape for t in grads[0]]
+        self.sizes = [t.numel() for t in grads[0]]
+        self.padded = chunked_sizes(self.sizes)
+        bounds = [0, *itertools.accumulate(counts or [len(self.sizes)])]
+        self.runs = list(itertools.pairwise(bounds))  # each encoder's tensors (its own buffers)
+        k, total = len(grads), sum(self.padded)
+        buffers = [[chunk_layout(lst[a:b]) for a, b in self.runs] for lst in grads]
+        if all(b is not None for row in buffers for b in row):
+            # The engine's layout (a buffer per encoder and objective): the padding is zero already.
+            joined = [row[0] if len(row) == 1 else torch.cat(row) for row in buffers]
+            rows = torch.stack(joined).to(torch.float64)  # type: ignore[arg-type]
+        else:
+            rows = torch.zeros(k, total, dtype=torch.float64, device=self.device)
+            targets = [v for i in range(k) for v in self._views(rows[i])]
+            torch._foreach_copy_(targets, [t for lst in grads for t in lst])
+        if scale is not None:
+            rows.mul_(scale)
+        self.rows, self.scale = rows, scale
+        self.chunks = total // CHUNK
+
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        """Each tensor's place in a chunk-aligned flat buffer, in the tensor's shape."""
+        return [
+            part.narrow(0, 0, n).view(shape)
+            for part, n, shape in zip(flat.split(self.padded), self.sizes, self.shapes, strict=True)
+        ]
+
+    def _blocks(self) -> Tensor:
+        return self.rows.view(self.rows.shape[0], self.chunks, CHUNK).transpose(0, 1)  # (chunks, K, CHUNK)
+
+    def _chunk_counts(self) -> Tensor:
+        device = self.device
+        return cached_tensor(
+            ("chunk counts", tuple(self.padded), device),
+            lambda: torch.tensor([p // CHUNK for p in self.padded], device=device),
+        )
+
+    def grams(self) -> Tensor:
+        """``(T, K, K)`` float64 Gram matrices: one batched matrix product, one segmented sum."""
+        blocks = self._blocks()
+        return torch.segment_reduce(
+            torch.bmm(blocks, blocks.transpose(1, 2)), "sum", lengths=self._chunk_counts(), axis=0
+        )
+
+    def write(self, coefficients: Tensor, out: Sequence[Tensor] | None) -> list[Tensor]:
+        """``h[t] = sum_i coefficients[i, t] g_i[t]`` computed in float64 and rounded once, into ``out``
+        (or new tensors). ``out`` may alias the inputs: they were copied (or widened) already."""
+        device = self.device
+        owner = cached_tensor(
+            ("chunk owner", tuple(self.padded), device),
+            lambda: torch.repeat_interleave(
+                torch.arange(len(self.padded), device=device), self._chunk_counts(), output_size=self.chunks
+            ),
+        )
+        per_chunk = coefficients.to(torch.float64).index_select(1, owner).t().unsqueeze(1)  # (chunks, 1, K)
+        wide = torch.bmm(per_chunk, self._blocks()).view(-1)
+        if self.scale is not None:
+            wide = wide / self.scale  # exact: a power of two
+        if out is None:
+            return self._views(wide.to(self.dtype))
+        targets = list(out)
+        buffers = [chunk_layout(targets[a:b]) for a, b in self.runs]
+        if all(b is not None for b in buffers):
+            # The engine's layout: one copy per encoder (the padding stays zero).
+            parts = [wide] if len(buffers) == 1 else wide.split([b.numel() for b in buffers])  # type: ignore[union-attr]
+            for buffer, part in zip(buffers, parts, strict=True):
+                buffer.copy_(part)  # type: ignore[union-attr]
+        else:
+            torch._foreach_copy_(targets, self._views(wide.to(self.dtype)))
+        return targets
