@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from mmpareto_lightning.engine.capture import CapturedOutput
 
-__all__ = ["GradientSplittingError", "buffers_kept", "check_graph"]
+__all__ = ["GradientSplittingError", "buffers_kept", "check_graph", "check_parameter_hooks", "check_strided"]
 
 
 class GradientSplittingError(ValueError):
@@ -99,6 +99,41 @@ def check_graph(
                     "embeddings included, rather than its `.encoder`), or freeze it."
                 )
             stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+def check_parameter_hooks(encoder: str, params: Iterable[Tensor], describe: Callable[[Tensor], str]) -> None:
+    """Refuse a post-accumulate-grad hook on an encoder parameter (one attribute read per parameter).
+
+    Such a hook runs when the ordinary backward accumulates into ``.grad``, which then holds the main
+    objective's gradient only; the rule replaces it afterwards. Per-parameter clipping or an optimizer
+    step done in the hook would act on the wrong gradient. Hooks can be registered at any point of a
+    fit, so this runs every step, before any backward.
+    """
+    for p in params:
+        if p._post_accumulate_grad_hooks:
+            raise GradientSplittingError(
+                f"Parameter {describe(p)} of encoder {encoder!r} has a post-accumulate-grad hook "
+                "(`register_post_accumulate_grad_hook`). The split's backward leaves only the encoder's "
+                "own (unimodal) loss gradient in `.grad`, and the MMPareto update replaces it after the "
+                "backward, so the hook would act on the wrong gradient (a per-parameter clip or an "
+                "optimizer step in the hook would use the unimodal gradient). Remove the hook: clip with "
+                "`gradient_clip_val` (on the Trainer or the callback), or act on the final gradients in "
+                "`on_before_optimizer_step`; optimizer-in-backward cannot be combined with MMPareto."
+            )
+
+
+def check_strided(
+    grads: Iterable[Tensor], params: Sequence[Tensor], describe: Callable[[Tensor], str]
+) -> None:
+    """Refuse a sparse gradient on an encoder parameter: the rule works on dense (strided) tensors."""
+    for p, g in zip(params, grads, strict=False):
+        if g is not None and g.layout != torch.strided:
+            raise GradientSplittingError(
+                f"Parameter {describe(p)} got a sparse gradient ({g.layout}), e.g. from "
+                "`nn.Embedding(sparse=True)` or `F.embedding(..., sparse=True)` in an encoder. MMPareto "
+                "combines the per-loss gradients of an encoder as dense tensors. Use `sparse=False` in "
+                "the encoders (sparse embeddings in heads are fine)."
+            )
 
 
 @contextmanager

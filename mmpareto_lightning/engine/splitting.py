@@ -37,7 +37,13 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from mmpareto_lightning.engine.capture import OutputCapture
-from mmpareto_lightning.engine.safeguards import GradientSplittingError, buffers_kept, check_graph
+from mmpareto_lightning.engine.safeguards import (
+    GradientSplittingError,
+    buffers_kept,
+    check_graph,
+    check_parameter_hooks,
+    check_strided,
+)
 
 __all__ = ["RESERVED_LOSS_KEYS", "EncoderObjectives", "GradientSplitter", "GradientSplittingError"]
 
@@ -170,6 +176,14 @@ class GradientSplitter:
         """The parameters of encoder ``name`` that require grad now."""
         return [p for p in self.encoders[name].parameters() if p.requires_grad]
 
+    def check_parameter_hooks(self) -> None:
+        """Refuse post-accumulate-grad hooks on encoder parameters (they would see the unimodal gradient).
+
+        :meth:`backward` calls it every step; a caller that runs a backward of its own first calls it.
+        """
+        for name, module in self.encoders.items():
+            check_parameter_hooks(name, module.parameters(), self._describe)
+
     def release_outputs(self) -> None:
         """Let go of the captured outputs (and the graph they hold) without a backward."""
         self._capture.clear()
@@ -227,6 +241,7 @@ class GradientSplitter:
         encoder_loss: str | None,
     ) -> dict[str, EncoderObjectives]:
         losses = self.validate_losses(losses)
+        self.check_parameter_hooks()
         modified = self._capture.modified_in_place()
         if modified:
             raise GradientSplittingError(
@@ -285,6 +300,7 @@ class GradientSplitter:
             self.layouts = {}
             return self.layouts
         for layout in self.layouts.values():
+            check_strided([p.grad for p in layout.params], layout.params, self._describe)
             for i, p in enumerate(layout.params):
                 if p.grad is None:  # the main objective does not reach this parameter
                     p.grad = torch.zeros_like(p)
@@ -428,6 +444,7 @@ class GradientSplitter:
                 params.extend(layout.params)
                 targets.append((layout, k))
             grads = torch.autograd.grad(outs, params, cots, retain_graph=True, allow_unused=True)
+            check_strided(grads, params, self._describe)
             start = 0
             for layout, k in targets:
                 new = []

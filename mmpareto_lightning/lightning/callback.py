@@ -17,7 +17,12 @@ from torchmetrics import Metric
 
 from mmpareto_lightning.distributed import all_ranks, mean_across_ranks
 from mmpareto_lightning.engine import GradientSplittingError, MMParetoEngine
-from mmpareto_lightning.lightning.fit_checks import check_trainer, validated_encoders
+from mmpareto_lightning.lightning.fit_checks import (
+    check_optimizer,
+    check_parameters,
+    check_trainer,
+    validated_encoders,
+)
 from mmpareto_lightning.lightning.metrics import MMParetoMetrics
 from mmpareto_lightning.lightning.module import MMParetoModule, attach_driver, detach_driver, ensure_wrapped
 from mmpareto_lightning.lightning.stepping import OptimizationBookkeeping
@@ -142,6 +147,9 @@ class MMParetoCallback(Callback):
         self._batch_seen = False
         # A window of the split-free baselines (diagnostics=False) has gradients waiting in .grad.
         self._cheap_window_open = False
+        # The loss of the current window (sum of the named losses, / N under accumulation): what the
+        # closure handed to the optimizer returns.
+        self._window_loss: Tensor | None = None
         self._engine: MMParetoEngine | None = None
         self._metrics: MMParetoMetrics | None = None
         self._module: MMParetoModule | None = None
@@ -235,6 +243,14 @@ class MMParetoCallback(Callback):
                 f"{len(trainer.optimizers)}. Put all parameters in one optimizer (parameter groups can keep "
                 "different learning rates)."
             )
+        check_optimizer(trainer.optimizers[0])
+        if self._engine is not None:
+            clipping = self.gradient_clip_algorithm if self.gradient_clip_val is not None else None
+            check_parameters(trainer, pl_module, self._engine.splitter.encoders, clipping)
+            try:
+                self._engine.splitter.check_parameter_hooks()
+            except GradientSplittingError as err:
+                raise MisconfigurationException(str(err)) from err
         if self._metrics is not None:
             self._metrics.to(pl_module.device)
             self._totals = {k: v.to(pl_module.device) for k, v in self._totals.items()}
@@ -256,6 +272,7 @@ class MMParetoCallback(Callback):
             self._engine.splitter.release_outputs()
             self._engine = None
         self._cheap_window_open = False
+        self._window_loss = None
         if self._module is not None:
             detach_driver(self._module, self)
             self._module = None
@@ -336,10 +353,12 @@ class MMParetoCallback(Callback):
         if not last and isinstance(trainer.strategy, ParallelStrategy):
             sync = trainer.strategy.block_backward_sync()
         splitter = self._engine.splitter
+        new_window = not (splitter.window_open or self._cheap_window_open)
         with sync:
             try:
                 if not self.diagnostics and self.rule.strategy == "uniform":
                     splitter.validate_losses(window)
+                    splitter.check_parameter_hooks()
                     pl_module.manual_backward(sum(window.values()))
                 else:
                     self._engine.backward(
@@ -356,6 +375,11 @@ class MMParetoCallback(Callback):
 
         detached = {k: v.detach() for k, v in losses.items()}
         loss_values = self._metrics.loss_values(detached)
+        # The objective of the window's gradients, which the optimizer's closure returns.
+        batch_loss = loss_values["loss"] / n if n > 1 else loss_values["loss"]
+        self._window_loss = (
+            batch_loss if new_window or self._window_loss is None else self._window_loss + batch_loss
+        )
         created = self._metrics.update_losses(loss_values)
         for name, layout in splitter.layouts.items():
             created |= self._metrics.set_objectives(name, layout.objectives)
@@ -393,7 +417,7 @@ class MMParetoCallback(Callback):
         skip = finite is not None and not bool(finite)  # the step's single host synchronisation
         if skip:
             self._warn_skipped(pl_module, stats)
-        self.bookkeeping.step(trainer, pl_module, optimizer, skip=skip)
+        self.bookkeeping.step(trainer, pl_module, optimizer, skip=skip, loss=self._window_loss)
 
     def _warn_skipped(self, pl_module: MMParetoModule, stats: Mapping[str, RuleStats]) -> None:
         assert self._engine is not None
