@@ -552,3 +552,63 @@ def test_an_optimizer_that_never_calls_its_closure_is_refused() -> None:
     trainer = pl.Trainer(max_steps=1, callbacks=[MMParetoCallback()], **trainer_kwargs())
     with pytest.raises(MisconfigurationException, match="NoClosureSGD did not call the closure"):
         trainer.fit(WithOptimizer(lambda p: NoClosureSGD(p)), make_loader(2))
+
+
+# ---------------------------------------------------------------- outputs the capture cannot see
+class Box:
+    """An output container of a type the capture does not look into."""
+
+    def __init__(self, features: torch.Tensor) -> None:
+        self.features = features
+
+
+class BoxEncoder(nn.Module):
+    def __init__(self, dim: int, mode: str) -> None:
+        super().__init__()
+        self.linear, self.mode = nn.Linear(dim, 8), mode
+
+    def forward(self, x: torch.Tensor):
+        z = torch.tanh(self.linear(x))
+        if self.mode == "box":
+            return Box(z)
+        if self.mode == "nested":
+            return z, Box(2 * z)
+        self.features = z  # "stash": kept on the module, read by the heads
+        return z
+
+
+class UncapturedNet(Net):
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.audio = BoxEncoder(5, mode)
+
+    def losses(self, batch):
+        xa, xv, y = batch
+        out, zv = self.audio(xa), self.visual(xv)
+        za = {
+            "box": lambda: out.features,
+            "nested": lambda: out[1].features,
+            "stash": lambda: self.audio.features,
+        }
+        za = za[self.mode]()
+        return {
+            "multimodal": F.cross_entropy(self.head(torch.cat([za, zv], 1)), y),
+            "audio": F.cross_entropy(self.head_audio(za), y),
+            "visual": F.cross_entropy(self.head_visual(zv), y),
+        }
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [
+        ("box", r"Encoder 'audio' returned its output inside a Box object.*make Box a dataclass"),
+        ("nested", r"'multimodal' depends on encoder 'audio', but not through.*inside a Box object"),
+        ("stash", r"'multimodal' depends on encoder 'audio', but not through.*stashed on the module"),
+    ],
+)
+def test_an_output_the_capture_cannot_see_is_named_with_the_fix(mode: str, message: str) -> None:
+    trainer = pl.Trainer(max_steps=1, callbacks=[MMParetoCallback()], **trainer_kwargs())
+    with pytest.raises(MisconfigurationException, match=message) as error:
+        trainer.fit(UncapturedNet(mode), make_loader(2))
+    assert "does not depend" not in str(error.value) and "return" in str(error.value)

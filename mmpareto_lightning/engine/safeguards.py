@@ -17,7 +17,14 @@ from torch import Tensor, nn
 
 from mmpareto_lightning.engine.capture import CapturedOutput
 
-__all__ = ["GradientSplittingError", "buffers_kept", "check_graph", "check_parameter_hooks", "check_strided"]
+__all__ = [
+    "GradientSplittingError",
+    "buffers_kept",
+    "check_graph",
+    "check_parameter_hooks",
+    "check_strided",
+    "reaches_parameters",
+]
 
 
 class GradientSplittingError(ValueError):
@@ -56,9 +63,9 @@ def check_graph(
                     f"Loss {name!r} reaches parameter {describe(variable)} of encoder "
                     f"{owner[id(variable)]!r} without passing through the encoder's output, so "
                     "its gradient cannot be split exactly. Compute losses only from the encoders' "
-                    "outputs (no losses on intermediate features, no weight penalties on encoder "
-                    "parameters inside a loss: use the optimizer's weight_decay, no parameters shared "
-                    "with a head)."
+                    "outputs, as the encoder's forward returns them (no losses on intermediate features "
+                    "or on tensors stashed on the module, no weight penalties on encoder parameters "
+                    "inside a loss: use the optimizer's weight_decay, no parameters shared with a head)."
                 )
             stack.extend(next_node for next_node, _ in node.next_functions)
     boundary = {o.alias.grad_fn: enc for enc, outs in captured.items() for o in outs}
@@ -99,6 +106,23 @@ def check_graph(
                     "embeddings included, rather than its `.encoder`), or freeze it."
                 )
             stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+def reaches_parameters(loss: Tensor, parameter_ids: set[int]) -> bool:
+    """Whether ``loss`` depends on any of the parameters (by id): a walk of its whole autograd graph,
+    for error messages only."""
+    seen: set[object] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in parameter_ids:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 def check_parameter_hooks(encoder: str, params: Iterable[Tensor], describe: Callable[[Tensor], str]) -> None:

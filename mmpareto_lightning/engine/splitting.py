@@ -43,6 +43,7 @@ from mmpareto_lightning.engine.safeguards import (
     check_graph,
     check_parameter_hooks,
     check_strided,
+    reaches_parameters,
 )
 
 __all__ = ["RESERVED_LOSS_KEYS", "EncoderObjectives", "GradientSplitter", "GradientSplittingError"]
@@ -266,7 +267,7 @@ class GradientSplitter:
         new_window = not (accumulate and self._window_open)
         if new_window:
             self.layouts = {}
-        step_layouts = self._assign_objectives(present, names, cot, owner, new_window)
+        step_layouts = self._assign_objectives(present, losses, cot, owner, new_window)
         check_graph(losses, self._capture.outputs, step_layouts, self._owner, self._describe)
         if encoder_loss is None:
             with buffers_kept({enc: self.encoders[enc] for enc in step_layouts}, self._snapshots):
@@ -363,6 +364,15 @@ class GradientSplitter:
             if trainable and called:
                 present.append(name)
             elif trainable and name in losses:
+                opaque = self._capture.opaque[name]
+                if opaque:
+                    raise GradientSplittingError(
+                        f"Encoder {name!r} returned its output inside {_objects(opaque)}, which MMPareto "
+                        "cannot look into: it captures the tensors an encoder's forward returns, alone or "
+                        "in tuples, lists, dicts and dataclasses (ModelOutput included). Return the "
+                        f"tensors (or make {opaque[0]} a dataclass or a NamedTuple) and compute the heads "
+                        "from what the encoder returns."
+                    )
                 raise GradientSplittingError(
                     f"Encoder {name!r} produced no output that requires grad during the forward pass, but "
                     f"its loss {name!r} is there. Call the encoder module itself (its forward hook captures "
@@ -377,12 +387,13 @@ class GradientSplitter:
     def _assign_objectives(
         self,
         present: Sequence[str],
-        names: Sequence[str],
+        losses: Mapping[str, Tensor],
         cot: Mapping[str, list[Tensor | None]],
         owner: list[str],
         new_window: bool,
     ) -> dict[str, EncoderObjectives]:
         """This step's layout of every present encoder; they must match the window's earlier steps."""
+        names = list(losses)
         step: dict[str, EncoderObjectives] = {}
         for enc in present:
             idx = [i for i, o in enumerate(owner) if o == enc]
@@ -395,11 +406,7 @@ class GradientSplitter:
                 )
             for required, role in ((self.multimodal_key, "multimodal"), (enc, "unimodal")):
                 if required not in reaching:
-                    raise GradientSplittingError(
-                        f"The {role} loss {required!r} does not depend on the output of encoder {enc!r}, so "
-                        "there is nothing to integrate. Compute it from that encoder's output (for the "
-                        "unimodal loss: a unimodal head on the encoder's features)."
-                    )
+                    raise GradientSplittingError(self._not_reaching(enc, required, role, losses[required]))
             others = [n for n in reaching if n not in (self.multimodal_key, enc)]
             layout = EncoderObjectives(enc, self.trainable_params(enc), [self.multimodal_key, enc, *others])
             earlier = None if new_window else self.layouts.get(enc)
@@ -478,9 +485,39 @@ class GradientSplitter:
                     p.grad = torch.zeros_like(p)
             self.layouts[enc] = step[enc] = layout
 
+    def _not_reaching(self, enc: str, loss_name: str, role: str, loss: Tensor) -> str:
+        """Why a required loss does not reach the captured output of ``enc`` (on the error path only)."""
+        params = {id(p) for p in self.encoders[enc].parameters()}
+        if not reaches_parameters(loss, params):
+            return (
+                f"The {role} loss {loss_name!r} does not depend on encoder {enc!r}, so there is nothing "
+                "to integrate. Compute it from that encoder's output (for the unimodal loss: a unimodal "
+                "head on the encoder's features)."
+            )
+        opaque = self._capture.opaque[enc]
+        path = (
+            f"the encoder returned part of its output inside {_objects(opaque)}, which MMPareto cannot "
+            "look into, or "
+            if opaque
+            else ""
+        )
+        return (
+            f"The {role} loss {loss_name!r} depends on encoder {enc!r}, but not through the output "
+            f"MMPareto captured from the encoder's forward: {path}a head reads a tensor the encoder did "
+            "not return (stashed on the module, e.g. `self.features = z` read as `encoder.features`, or "
+            "an intermediate feature). The per-loss gradients are split at the tensors the encoder's "
+            "forward returns (alone or in tuples, lists, dicts and dataclasses): return the features "
+            "from `forward` and compute every head from that return value."
+        )
+
     def _describe(self, parameter: Tensor) -> str:
         name = self._param_names.get(id(parameter))
         return f"{name!r} (shape {tuple(parameter.shape)})" if name else f"of shape {tuple(parameter.shape)}"
+
+
+def _objects(type_names: Sequence[str]) -> str:
+    listed = " / ".join(f"a {n}" for n in type_names)
+    return f"{listed} object" if len(type_names) == 1 else f"{listed} objects"
 
 
 class _Replace:
