@@ -121,6 +121,33 @@ def test_complex_parameters_are_exact_in_a_plain_loop_with_a_data_parallel_mean(
     assert_moved_by(model, before, expected)
 
 
+class ComplexMomentumNet(ComplexNet):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
+
+
+@pytest.mark.slow
+def test_complex_parameters_under_ddp_equal_one_process_with_the_global_batch(tmp_path) -> None:
+    from test_distributed_precision import InterleavedData, SaveRankState
+
+    for name, strategy, devices, batch in [("ddp", "ddp_spawn", 2, 8), ("single", "auto", 1, 16)]:
+        (tmp_path / name).mkdir()
+        torch.manual_seed(0)
+        trainer = pl.Trainer(
+            max_steps=4,
+            strategy=strategy,
+            callbacks=[MMParetoCallback(), SaveRankState(str(tmp_path / name))],
+            **trainer_kwargs(devices=devices, use_distributed_sampler=False),
+        )
+        trainer.fit(ComplexMomentumNet(), datamodule=InterleavedData(batch))
+    rank0, rank1 = torch.load(tmp_path / "ddp" / "rank0.pt"), torch.load(tmp_path / "ddp" / "rank1.pt")
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    for name, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][name]), f"{name} differs between ranks"
+        torch.testing.assert_close(value, single["params"][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert rank0["totals"] == single["totals"] and single["totals"]["audio"]["conflicts"] > 0
+
+
 def test_a_non_finite_complex_head_gradient_is_detected() -> None:
     torch.manual_seed(0)
     model = ComplexNet()

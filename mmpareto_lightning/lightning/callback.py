@@ -43,8 +43,9 @@ class MMParetoCallback(Callback):
 
     ``Trainer(accumulate_grad_batches=..., gradient_clip_val=..., gradient_clip_algorithm=...)`` work as
     in automatic optimization (the callback takes them over, since Lightning rejects them in manual
-    mode); the same settings can be given here instead. Accumulation sums the per-loss gradients of the
-    window before the rule; clipping acts on the integrated (and, under 16-bit AMP, unscaled) gradients.
+    mode); the same settings can be given here instead. Accumulation divides every loss by the number of
+    batches (Lightning's convention) and adds up the per-loss gradients of the window, i.e. averages them,
+    before the rule; clipping acts on the integrated (and, under 16-bit AMP, unscaled) gradients.
 
     Args:
         strategy: ``"mmpareto"`` (default), ``"pareto"`` (conventional MGDA), ``"uniform"`` (plain
@@ -53,13 +54,15 @@ class MMParetoCallback(Callback):
             for ablations.
         rescale: ``"per_tensor"`` (the authors' code, never shrinks) or ``"per_encoder"`` (the paper's
             formula).
-        gamma: final scale; ``None`` gives 1.5 with ``per_tensor`` rescale (authors' code) and 1.0
-            otherwise. It also applies to ``"uniform"`` (e.g. ``gamma=1.5``: the step-size control of
-            MMPareto's enlarged steps).
+        gamma: final scale; ``None`` gives 1.5 for ``strategy="mmpareto"`` with ``rescale="per_tensor"``
+            (the authors' code) and 1.0 for every other combination (``per_encoder``, ``"pareto"``,
+            ``"uniform"``, ``"multimodal_only"``). A number also applies to ``"uniform"`` (e.g.
+            ``gamma=1.5``: the step-size control of MMPareto's enlarged steps).
         multimodal_key: name of the multimodal loss in the dict ``training_step`` returns.
         stationarity_tol: relative tolerance of the Pareto-stationarity test.
-        accumulate_grad_batches: number of batches whose gradients are summed before each step (or set
-            it on the Trainer).
+        accumulate_grad_batches: number of batches per optimizer step; every loss is divided by it
+            (Lightning's convention), so the step applies the window's mean gradient (or set it on the
+            Trainer).
         gradient_clip_val: clip the integrated gradients to this value (``None``: no clipping; or set it
             on the Trainer).
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.

@@ -11,7 +11,6 @@ counts like one that ran, as Lightning's own AMP skip does, so ``global_step``, 
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,8 +77,9 @@ class OptimizationBookkeeping:
         # What was taken over from the Trainer, to give back after Lightning's own checks.
         self._from_trainer: dict[str, Any] = {}
         self._fitting = False
-        # Optimizers whose first step of the fit was checked against a copy of the parameters.
-        self._compared: weakref.WeakSet[Any] = weakref.WeakSet()
+        # ids of the optimizers whose first step of this fit was checked against a copy of the
+        # parameters (ids, not references: the callback is pickled by ddp_spawn).
+        self._compared: set[int] = set()
 
     # ------------------------------------------------------------------ Trainer settings
     def adopt_trainer_settings(self, trainer: pl.Trainer) -> None:
@@ -121,7 +121,7 @@ class OptimizationBookkeeping:
         count optimizer steps; manual optimization uses it for nothing else.
         """
         self._fitting = True
-        self._compared = weakref.WeakSet()
+        self._compared = set()
         trainer.accumulate_grad_batches = self.accumulate_grad_batches
         if "gradient_clip_val" in self._from_trainer:
             # Manual optimization never clips by itself: the value is only shown back to the user.
@@ -171,12 +171,14 @@ class OptimizationBookkeeping:
         else:
             inner = getattr(optimizer, "optimizer", optimizer)
             # Under a GradScaler, Lightning calls the closure itself before the optimizer runs.
-            first = inner not in self._compared and getattr(trainer.precision_plugin, "scaler", None) is None
+            first = (
+                id(inner) not in self._compared and getattr(trainer.precision_plugin, "scaler", None) is None
+            )
             closure = StepClosure(optimizer, loss, compare_values=first, describe=_describer(pl_module))
             with closure.watching():
                 optimizer.step(closure=closure)
             closure.check_called()
-            self._compared.add(inner)
+            self._compared.add(id(inner))
         self.optimizer_steps += 1
         self.step_schedulers(
             trainer, pl_module, "step", plateau=False, index=trainer.fit_loop.epoch_loop.batch_idx + 1
