@@ -148,6 +148,7 @@ class GradientSplitter:
                 owner[id(p)] = name
         self.multimodal_key = multimodal_key
         self.encoders = dict(encoders)
+        self._params = {name: list(module.parameters()) for name, module in self.encoders.items()}
         self._param_names = dict(param_names or {})
         self._owner = owner
         # Encoder buffers as they were before the extra backward, restored if it changed them.
@@ -180,10 +181,11 @@ class GradientSplitter:
     def check_parameter_hooks(self) -> None:
         """Refuse post-accumulate-grad hooks on encoder parameters (they would see the unimodal gradient).
 
-        :meth:`backward` calls it every step; a caller that runs a backward of its own first calls it.
+        :meth:`backward` checks the parameters it splits every step; a caller that runs a backward of its
+        own calls this first (it reads the parameters the encoders had when the splitter was made).
         """
-        for name, module in self.encoders.items():
-            check_parameter_hooks(name, module.parameters(), self._describe)
+        for name, params in self._params.items():
+            check_parameter_hooks(name, (p for p in params if p.requires_grad), self._describe)
 
     def release_outputs(self) -> None:
         """Let go of the captured outputs (and the graph they hold) without a backward."""
@@ -242,7 +244,6 @@ class GradientSplitter:
         encoder_loss: str | None,
     ) -> dict[str, EncoderObjectives]:
         losses = self.validate_losses(losses)
-        self.check_parameter_hooks()
         modified = self._capture.modified_in_place()
         if modified:
             raise GradientSplittingError(
@@ -409,6 +410,8 @@ class GradientSplitter:
                     raise GradientSplittingError(self._not_reaching(enc, required, role, losses[required]))
             others = [n for n in reaching if n not in (self.multimodal_key, enc)]
             layout = EncoderObjectives(enc, self.trainable_params(enc), [self.multimodal_key, enc, *others])
+            # Before any backward: a post-accumulate-grad hook would fire in the ordinary one.
+            check_parameter_hooks(enc, layout.params, self._describe)
             earlier = None if new_window else self.layouts.get(enc)
             if earlier is not None and (
                 earlier.objectives != layout.objectives

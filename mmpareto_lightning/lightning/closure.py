@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.optim import LBFGS
@@ -68,7 +69,7 @@ class StepClosure:
         compare_values: bool = False,
         describe: Callable[[Tensor], str] | None = None,
     ) -> None:
-        self.optimizer = getattr(optimizer, "optimizer", optimizer)
+        self.optimizer = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
         self.name = type(self.optimizer).__name__
         self.loss = loss
         self.calls = 0
@@ -88,21 +89,22 @@ class StepClosure:
         if self.trusted:
             yield
             return
-        self._record()  # for an optimizer without step pre-hooks
         register = getattr(self.optimizer, "register_step_pre_hook", None)
-        handle = register(lambda *_: self._record()) if callable(register) else None
+        # Recorded now as well, in case the optimizer's step runs no pre-hooks; the copies only once.
+        self._record(copies=not callable(register))
+        handle = register(lambda *_: self._record(copies=True)) if callable(register) else None
         try:
             yield
         finally:
             if handle is not None:
                 handle.remove()
 
-    def _record(self) -> None:
+    def _record(self, copies: bool) -> None:
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self._versions = [p._version for p in self._params]
         self._grads = [p.grad for p in self._params]
         self._grad_versions = [-1 if g is None else g._version for g in self._grads]
-        if self.compare_values:
+        if copies and self.compare_values:
             self._copies = [
                 (
                     p.detach().to("cpu", copy=True),

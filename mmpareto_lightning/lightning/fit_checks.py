@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import lightning.pytorch as pl
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -150,7 +151,7 @@ def check_parameters(
 
 def check_optimizer(optimizer: object) -> None:
     """Refuse, at fit start, an optimizer whose step re-evaluates the loss through its closure."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer's optimizer
+    inner = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
     if isinstance(inner, LBFGS):
         raise MisconfigurationException(
             f"{type(inner).__name__} re-evaluates the loss and the gradients several times per step through "

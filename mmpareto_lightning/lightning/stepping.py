@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
@@ -169,7 +170,7 @@ class OptimizationBookkeeping:
             optimizer._on_before_step()
             optimizer._on_after_step()
         else:
-            inner = getattr(optimizer, "optimizer", optimizer)
+            inner = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
             # Under a GradScaler, Lightning calls the closure itself before the optimizer runs.
             first = (
                 id(inner) not in self._compared and getattr(trainer.precision_plugin, "scaler", None) is None
