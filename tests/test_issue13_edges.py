@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,8 +128,11 @@ class ComplexMomentumNet(ComplexNet):
 
 
 @pytest.mark.slow
-def test_complex_parameters_under_ddp_equal_one_process_with_the_global_batch(tmp_path) -> None:
+def test_complex_parameters_under_ddp_equal_one_process_with_the_global_batch(tmp_path, monkeypatch) -> None:
     from test_distributed_precision import InterleavedData, SaveRankState
+
+    # A port of its own: an earlier DDP test's MASTER_PORT may be taken by now on a shared machine.
+    monkeypatch.delenv("MASTER_PORT", raising=False)
 
     for name, strategy, devices, batch in [("ddp", "ddp_spawn", 2, 8), ("single", "auto", 1, 16)]:
         (tmp_path / name).mkdir()
@@ -305,55 +309,121 @@ def _clamp(grad: torch.Tensor) -> torch.Tensor:
     return grad.clamp(-0.01, 0.01)
 
 
-def test_a_post_accumulate_grad_hook_on_an_encoder_parameter_is_refused_at_fit_start() -> None:
-    model = Net()
-    model.audio[0].weight.register_post_accumulate_grad_hook(lambda p: p.grad.clamp_(-0.01, 0.01))
-    trainer = pl.Trainer(max_steps=1, callbacks=[MMParetoCallback()], **trainer_kwargs())
-    with pytest.raises(
-        MisconfigurationException, match=r"'audio\.0\.weight'.*register_post_accumulate_grad_hook"
-    ):
-        trainer.fit(model, make_loader(2))
+class PostAccumulateClamp(pl.Callback):
+    """Clamps ``audio.0.weight``'s gradient to +-0.01 in a post-accumulate-grad hook registered when batch
+    ``at`` starts, and checks every step against plain autograd per loss and the reference rule, with
+    the clamp applied to the integrated gradient of the steps where the hook exists. Records what the
+    hook saw and what the optimizer applied."""
 
+    def __init__(self, at: int = 0, strategy: str = "mmpareto") -> None:
+        self.at, self.strategy = at, strategy
+        self.seen: list[torch.Tensor] = []
+        self.applied: list[torch.Tensor] = []
+        self.checked = 0
 
-class RegisterHookAt(pl.Callback):
-    """Registers a post-accumulate-grad hook on ``parameter`` when batch ``at`` starts."""
-
-    def __init__(self, at: int) -> None:
-        self.at, self.fired, self.before = at, 0, None
+    def hook(self, parameter: torch.Tensor) -> None:
+        self.seen.append(parameter.grad.clone())
+        parameter.grad.clamp_(-0.01, 0.01)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.at:
-            self.before = copy.deepcopy(pl_module.state_dict())
             pl_module.audio[0].weight.register_post_accumulate_grad_hook(self.hook)
+        self.before = copy.deepcopy(pl_module)
+        self.expected = expected_deltas(
+            pl_module, _encoders, lambda m: m.losses(batch), strategy=self.strategy
+        )
+        if batch_idx >= self.at:  # the update is -grad (SGD, lr 1): clamp the integrated gradient
+            self.expected["audio.0.weight"] = -np.clip(-self.expected["audio.0.weight"], -0.01, 0.01)
 
-    def hook(self, parameter: torch.Tensor) -> None:
-        self.fired += 1
-        parameter.grad.clamp_(-0.01, 0.01)
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.applied.append(pl_module.audio[0].weight.grad.clone())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        assert_moved_by(pl_module, self.before, self.expected)
+        self.checked += 1
 
 
-@pytest.mark.parametrize("diagnostics", [True, False])
-def test_a_post_accumulate_grad_hook_registered_mid_fit_is_refused_before_it_runs(diagnostics: bool) -> None:
+@pytest.mark.parametrize(
+    ("strategy", "diagnostics", "at"),
+    [("mmpareto", True, 0), ("mmpareto", True, 1), ("uniform", False, 1), ("multimodal_only", False, 0)],
+)
+def test_a_post_accumulate_grad_hook_on_an_encoder_parameter_runs_on_the_integrated_gradient(
+    strategy: str, diagnostics: bool, at: int
+) -> None:
+    # The hook fires once per optimizer step, on the gradient the optimizer applies (a clamp to +-0.01
+    # once moved the parameter by 0.17: it clamped the unimodal gradient, which the rule then replaced).
     torch.manual_seed(0)
-    model, register = Net(), RegisterHookAt(at=1)
-    callback = MMParetoCallback(strategy="mmpareto" if diagnostics else "uniform", diagnostics=diagnostics)
-    trainer = pl.Trainer(max_steps=3, callbacks=[callback, register], **trainer_kwargs())
-    with pytest.raises(MisconfigurationException, match=r"'audio\.0\.weight'.*post-accumulate-grad hook"):
-        trainer.fit(model, make_loader(2, batch_size=8))
-    assert register.fired == 0
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, register.before[name]), name
+    clamp = PostAccumulateClamp(at=at, strategy=strategy)
+    callback = MMParetoCallback(strategy=strategy, diagnostics=diagnostics)
+    trainer = pl.Trainer(max_steps=3, callbacks=[callback, clamp], **trainer_kwargs())
+    trainer.fit(Net(), make_loader(2, size=48))
+    assert clamp.checked == 3 and len(clamp.seen) == 3 - at
+    assert float(clamp.seen[0].abs().max()) > 0.01  # the clamp changes the update
+    for seen, applied in zip(clamp.seen, clamp.applied[at:], strict=True):
+        assert torch.equal(seen.clamp(-0.01, 0.01), applied)
 
 
-def test_a_post_accumulate_grad_hook_in_a_plain_loop_is_refused() -> None:
-    from mmpareto_lightning import GradientSplittingError
+def test_a_post_accumulate_grad_hook_runs_once_per_window_and_not_on_a_skipped_step() -> None:
+    calls: list[int] = []
+    model = WithOptimizer(lambda p: torch.optim.SGD(p, lr=1.0), nan_batches=[2])
+    model.audio[0].weight.register_post_accumulate_grad_hook(lambda p: calls.append(1))
+    before = copy.deepcopy(model)
+    trainer = pl.Trainer(
+        max_steps=2, callbacks=[MMParetoCallback(accumulate_grad_batches=2)], **trainer_kwargs()
+    )
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        trainer.fit(model, make_loader(2, size=64))
+    assert len(calls) == 1  # window 1 stepped, window 2 (NaN loss on its first batch) was skipped
+    assert not torch.equal(model.audio[0].weight, before.audio[0].weight)
 
+
+def test_a_post_accumulate_grad_hook_in_a_plain_loop_runs_on_the_integrated_gradient() -> None:
+    torch.manual_seed(0)
     model = Net()
-    model.visual[0].bias.register_post_accumulate_grad_hook(lambda p: None)
-    engine = MMParetoEngine(model.mmpareto_encoders())
-    with engine.capture():
-        losses = model.losses(next(iter(make_loader(2))))
-    with pytest.raises(GradientSplittingError, match=r"encoder 'visual'.*post-accumulate-grad hook"):
+    batch = next(iter(make_loader(2)))
+    reference = copy.deepcopy(model)  # no hook
+    seen: list[torch.Tensor] = []
+    model.visual[0].bias.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+    grads = {}
+    for net in (model, reference):
+        engine = MMParetoEngine(net.mmpareto_encoders())
+        with engine.capture():
+            losses = net.losses(batch)
         engine.backward(losses)
+        if net is model:
+            assert seen == []  # held during the backward (it would see the unimodal gradient)
+        engine.integrate()
+        grads[id(net)] = net.visual[0].bias.grad
+    assert len(seen) == 1 and torch.equal(seen[0], grads[id(reference)])
+    assert torch.equal(grads[id(model)], grads[id(reference)])
+
+
+def test_an_optimizer_in_backward_on_an_encoder_parameter_steps_with_the_integrated_gradient() -> None:
+    torch.manual_seed(0)
+    model = Net()
+    weight = model.audio[0].weight
+    in_backward = torch.optim.SGD([weight], lr=1.0)
+
+    def step_in_backward(parameter: torch.Tensor) -> None:
+        in_backward.step()
+        in_backward.zero_grad(set_to_none=True)
+
+    weight.register_post_accumulate_grad_hook(step_in_backward)
+    checker = StepChecker()
+    trainer = pl.Trainer(max_steps=2, callbacks=[MMParetoCallback(), checker], **trainer_kwargs())
+    trainer.fit(model, make_loader(2))
+    assert checker.checked == 2
+
+
+def test_ddps_python_reducer_is_refused() -> None:
+    from types import SimpleNamespace
+
+    from mmpareto_lightning.lightning.fit_checks import check_ddp_reducer
+
+    check_ddp_reducer(SimpleNamespace(strategy=SimpleNamespace(model=nn.Linear(1, 1))))
+    ddp = SimpleNamespace(model=SimpleNamespace(_use_python_reducer=True))
+    with pytest.raises(MisconfigurationException, match=r"Python reducer.*default reducer"):
+        check_ddp_reducer(SimpleNamespace(strategy=ddp))
 
 
 class HeadHook(pl.Callback):

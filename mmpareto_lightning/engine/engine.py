@@ -86,13 +86,16 @@ class MMParetoEngine:
             encoder_loss=encoder_loss,
         )
 
-    def integrate(self, reduce_fn: ReduceFn | None = None) -> dict[str, RuleStats]:
+    def integrate(self, reduce_fn: ReduceFn | None = None, run_hooks: bool = True) -> dict[str, RuleStats]:
         """Apply the rule to every encoder of the window and write the result into ``.grad``.
 
         Args:
             reduce_fn: averages a tensor across processes (data parallel); it receives one flat tensor
                 with every extra objective's gradient of every encoder, so a run makes one collective.
                 The main objective's gradient is in ``.grad`` and is averaged by DDP's own backward.
+            run_hooks: run the encoder parameters' post-accumulate-grad hooks, held during the
+                backward, on the integrated gradients now (``False``: the caller runs them with
+                ``engine.splitter.run_post_accumulate_grad_hooks()``, e.g. after a finite check).
 
         Returns:
             encoder name -> the step's :class:`RuleStats`, for the encoders that took part.
@@ -110,6 +113,8 @@ class MMParetoEngine:
                     if not reached:
                         p.grad = None
         self.splitter.close_window()
+        if run_hooks:
+            self.splitter.run_post_accumulate_grad_hooks()
         return stats
 
     def _reduce_extras(self, reduce_fn: ReduceFn) -> None:

@@ -21,9 +21,10 @@ __all__ = [
     "GradientSplittingError",
     "buffers_kept",
     "check_graph",
-    "check_parameter_hooks",
     "check_strided",
+    "post_accumulate_grad_hooks_held",
     "reaches_parameters",
+    "run_post_accumulate_grad_hooks",
 ]
 
 
@@ -125,25 +126,42 @@ def reaches_parameters(loss: Tensor, parameter_ids: set[int]) -> bool:
     return False
 
 
-def check_parameter_hooks(encoder: str, params: Iterable[Tensor], describe: Callable[[Tensor], str]) -> None:
-    """Refuse a post-accumulate-grad hook on an encoder parameter (one attribute read per parameter).
+@contextmanager
+def post_accumulate_grad_hooks_held(params: Iterable[Tensor], held: dict[int, Tensor]) -> Iterator[None]:
+    """Keep the post-accumulate-grad hooks of ``params`` from running during the backward inside.
 
-    Such a hook runs when the ordinary backward accumulates into ``.grad``, which then holds the main
-    objective's gradient only; the rule replaces it afterwards. Per-parameter clipping or an optimizer
-    step done in the hook would act on the wrong gradient. Hooks can be registered at any point of a
-    fit, so this runs every step, before any backward.
+    The split's ordinary backward accumulates only the main objective's gradient into an encoder
+    parameter's ``.grad``, and the rule replaces it afterwards. A post-accumulate-grad hook (a
+    per-parameter clip, an optimizer step in backward, a memory tracker) must see the gradient that is
+    applied, so it is held here (the hook dictionary is emptied in place, so the handles keep working)
+    and the parameter is added to ``held``; :func:`run_post_accumulate_grad_hooks` runs the hooks once
+    ``.grad`` holds the integrated gradient.
     """
+    saved = []
     for p in params:
-        if p._post_accumulate_grad_hooks:
-            raise GradientSplittingError(
-                f"Parameter {describe(p)} of encoder {encoder!r} has a post-accumulate-grad hook "
-                "(`register_post_accumulate_grad_hook`). The split's backward leaves only the encoder's "
-                "own (unimodal) loss gradient in `.grad`, and the MMPareto update replaces it after the "
-                "backward, so the hook would act on the wrong gradient (a per-parameter clip or an "
-                "optimizer step in the hook would use the unimodal gradient). Remove the hook: clip with "
-                "`gradient_clip_val` (on the Trainer or the callback), or act on the final gradients in "
-                "`on_before_optimizer_step`; optimizer-in-backward cannot be combined with MMPareto."
-            )
+        hooks = p._post_accumulate_grad_hooks
+        if hooks:
+            saved.append((hooks, dict(hooks)))
+            hooks.clear()
+            held[id(p)] = p
+    try:
+        yield
+    finally:
+        for hooks, kept in saved:
+            added = dict(hooks)  # registered during the backward: after the earlier ones
+            hooks.clear()
+            hooks.update(kept)
+            hooks.update(added)
+
+
+def run_post_accumulate_grad_hooks(params: Iterable[Tensor]) -> None:
+    """Run the post-accumulate-grad hooks of ``params`` that hold a gradient, as the backward would."""
+    with torch.no_grad():
+        for p in params:
+            hooks = p._post_accumulate_grad_hooks
+            if hooks and p.grad is not None:
+                for hook in list(hooks.values()):
+                    hook(p)
 
 
 def check_strided(

@@ -41,9 +41,10 @@ from mmpareto_lightning.engine.safeguards import (
     GradientSplittingError,
     buffers_kept,
     check_graph,
-    check_parameter_hooks,
     check_strided,
+    post_accumulate_grad_hooks_held,
     reaches_parameters,
+    run_post_accumulate_grad_hooks,
 )
 
 __all__ = ["RESERVED_LOSS_KEYS", "EncoderObjectives", "GradientSplitter", "GradientSplittingError"]
@@ -149,6 +150,8 @@ class GradientSplitter:
         self.multimodal_key = multimodal_key
         self.encoders = dict(encoders)
         self._params = {name: list(module.parameters()) for name, module in self.encoders.items()}
+        # Encoder parameters whose post-accumulate-grad hooks were held in this window's backward passes.
+        self._held_hooks: dict[int, Tensor] = {}
         self._param_names = dict(param_names or {})
         self._owner = owner
         # Encoder buffers as they were before the extra backward, restored if it changed them.
@@ -178,14 +181,22 @@ class GradientSplitter:
         """The parameters of encoder ``name`` that require grad now."""
         return [p for p in self.encoders[name].parameters() if p.requires_grad]
 
-    def check_parameter_hooks(self) -> None:
-        """Refuse post-accumulate-grad hooks on encoder parameters (they would see the unimodal gradient).
+    def holding_post_accumulate_grad_hooks(self) -> AbstractContextManager[None]:
+        """Hold the post-accumulate-grad hooks of the encoders' trainable parameters during a backward
+        the caller runs itself (a plain summed-loss step); :meth:`run_post_accumulate_grad_hooks` runs
+        them once ``.grad`` holds the gradient to apply."""
+        params = (p for params in self._params.values() for p in params if p.requires_grad)
+        return post_accumulate_grad_hooks_held(params, self._held_hooks)
 
-        :meth:`backward` checks the parameters it splits every step; a caller that runs a backward of its
-        own calls this first (it reads the parameters the encoders had when the splitter was made).
-        """
-        for name, params in self._params.items():
-            check_parameter_hooks(name, (p for p in params if p.requires_grad), self._describe)
+    def run_post_accumulate_grad_hooks(self) -> None:
+        """Run the post-accumulate-grad hooks held during the window's backward passes (once per
+        parameter, on the gradient ``.grad`` holds now: after the rule, the integrated one)."""
+        held, self._held_hooks = self._held_hooks, {}
+        run_post_accumulate_grad_hooks(held.values())
+
+    def discard_post_accumulate_grad_hooks(self) -> None:
+        """Forget the hooks held in this window without running them (a skipped optimizer step)."""
+        self._held_hooks = {}
 
     def release_outputs(self) -> None:
         """Let go of the captured outputs (and the graph they hold) without a backward."""
@@ -284,6 +295,7 @@ class GradientSplitter:
 
         if new_window:
             self._filled = set()
+            self._held_hooks = {}
         for layout in self.layouts.values():
             for p in layout.params:
                 if id(p) in self._filled:  # zeros filled in by the splitter carry no information
@@ -293,8 +305,10 @@ class GradientSplitter:
             main = cot[encoder_loss or self.layouts[enc].objectives[1]][i]
             replacement = main if main is not None else torch.zeros_like(out)
             handles.append(out.register_hook(_Replace(replacement)))
+        params = [p for layout in self.layouts.values() for p in layout.params]
         try:
-            backward_fn(sum(losses.values()))  # type: ignore[arg-type]
+            with post_accumulate_grad_hooks_held(params, self._held_hooks):
+                backward_fn(sum(losses.values()))  # type: ignore[arg-type]
         finally:
             for h in handles:
                 h.remove()
@@ -410,8 +424,6 @@ class GradientSplitter:
                     raise GradientSplittingError(self._not_reaching(enc, required, role, losses[required]))
             others = [n for n in reaching if n not in (self.multimodal_key, enc)]
             layout = EncoderObjectives(enc, self.trainable_params(enc), [self.multimodal_key, enc, *others])
-            # Before any backward: a post-accumulate-grad hook would fire in the ordinary one.
-            check_parameter_hooks(enc, layout.params, self._describe)
             earlier = None if new_window else self.layouts.get(enc)
             if earlier is not None and (
                 earlier.objectives != layout.objectives

@@ -18,6 +18,7 @@ from torchmetrics import Metric
 from mmpareto_lightning.distributed import all_ranks, mean_across_ranks
 from mmpareto_lightning.engine import GradientSplittingError, MMParetoEngine
 from mmpareto_lightning.lightning.fit_checks import (
+    check_ddp_reducer,
     check_optimizer,
     check_parameters,
     check_trainer,
@@ -247,13 +248,10 @@ class MMParetoCallback(Callback):
                 "different learning rates)."
             )
         check_optimizer(trainer.optimizers[0])
+        check_ddp_reducer(trainer)
         if self._engine is not None:
             clipping = self.gradient_clip_algorithm if self.gradient_clip_val is not None else None
             check_parameters(trainer, pl_module, self._engine.splitter.encoders, clipping)
-            try:
-                self._engine.splitter.check_parameter_hooks()
-            except GradientSplittingError as err:
-                raise MisconfigurationException(str(err)) from err
         if self._metrics is not None:
             self._metrics.to(pl_module.device)
             self._totals = {k: v.to(pl_module.device) for k, v in self._totals.items()}
@@ -361,8 +359,8 @@ class MMParetoCallback(Callback):
             try:
                 if not self.diagnostics and self.rule.strategy == "uniform":
                     splitter.validate_losses(window)
-                    splitter.check_parameter_hooks()
-                    pl_module.manual_backward(sum(window.values()))
+                    with splitter.holding_post_accumulate_grad_hooks():
+                        pl_module.manual_backward(sum(window.values()))
                 else:
                     self._engine.backward(
                         window,
@@ -399,7 +397,7 @@ class MMParetoCallback(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         encoder_params = self._engine.splitter.encoder_of
         if self.diagnostics:
-            stats = self._engine.integrate(reduce_fn=mean_across_ranks(trainer.world_size))
+            stats = self._engine.integrate(reduce_fn=mean_across_ranks(trainer.world_size), run_hooks=False)
             others = [p for p in pl_module.parameters() if p.requires_grad and id(p) not in encoder_params]
         else:
             self._cheap_window_open = False
@@ -419,7 +417,11 @@ class MMParetoCallback(Callback):
         self._record(pl_module, stats, finite, self.log_on_step and _is_logging_step(trainer))
         skip = finite is not None and not bool(finite)  # the step's single host synchronisation
         if skip:
+            self._engine.splitter.discard_post_accumulate_grad_hooks()
             self._warn_skipped(pl_module, stats)
+        else:
+            # Held during the backward: the encoder parameters' hooks see the gradient that is applied.
+            self._engine.splitter.run_post_accumulate_grad_hooks()
         self.bookkeeping.step(trainer, pl_module, optimizer, skip=skip, loss=self._window_loss)
 
     def _warn_skipped(self, pl_module: MMParetoModule, stats: Mapping[str, RuleStats]) -> None:

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.optim import LBFGS
 
-__all__ = ["check_optimizer", "check_parameters", "check_trainer", "validated_encoders"]
+__all__ = ["check_ddp_reducer", "check_optimizer", "check_parameters", "check_trainer", "validated_encoders"]
 
 _SUPPORTED_STRATEGIES = (
     "single-device (CPU, one GPU) and DDP (`ddp`, `ddp_spawn`, `ddp_find_unused_parameters_true`)"
@@ -157,4 +157,16 @@ def check_optimizer(optimizer: object) -> None:
             f"{type(inner).__name__} re-evaluates the loss and the gradients several times per step through "
             "its closure, but MMPareto's gradients come from the training step's forward, split and rule, "
             "which a closure cannot re-run. Use a first-order optimizer (SGD, Adam, AdamW, ...)."
+        )
+
+
+def check_ddp_reducer(trainer: pl.Trainer) -> None:
+    """Refuse DDP's Python reducer (compiled autograd), which averages gradients in post-accumulate-grad
+    hooks: MMPareto holds those hooks on encoder parameters until the rule has run."""
+    if getattr(trainer.strategy.model, "_use_python_reducer", False):
+        raise MisconfigurationException(
+            "DDP runs its Python reducer (compiled autograd, `torch._dynamo.config.optimize_ddp = "
+            "'python_reducer'`), which averages the gradients in post-accumulate-grad hooks; MMPareto runs "
+            "the encoder parameters' hooks after the rule, so the unimodal gradients would not be averaged "
+            "before it. Use DDP's default reducer."
         )
