@@ -15,6 +15,10 @@ from the computation, entry by entry:
   gradients (``L`` losses reaching the parameter);
 * the SGD step ``p - lr * g`` rounds to float32: at most ``u |lr g|`` for the product and ``u |p_new|``
   for the difference.
+
+Complex parameters are compared through their real views (``view_as_real``): the rule decides on the
+real inner product Re<a, b>, under which a complex gradient is the steepest-ascent direction. Sparse
+gradients (embeddings in heads) are densified.
 """
 
 from __future__ import annotations
@@ -30,13 +34,18 @@ from torch import nn
 LossFn = Callable[[nn.Module], Mapping[str, torch.Tensor]]
 
 
+def real(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as its real view (trailing dimension of 2), any other tensor as it is."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
 def per_loss_gradients(model: nn.Module, loss_fn: LossFn) -> dict[str, list[torch.Tensor | None]]:
     """Loss name -> gradient of that loss w.r.t. every trainable parameter (None where it does not reach)."""
     losses = loss_fn(model)
     params = [p for p in model.parameters() if p.requires_grad]
     return {
         name: [
-            None if g is None else g.detach().clone()
+            None if g is None else g.detach().to_dense() if g.layout != torch.strided else g.detach().clone()
             for g in torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         ]
         for name, loss in losses.items()
@@ -115,8 +124,8 @@ def expected_deltas(
     names = {id(p): n for n, p in params}
     expected = ExpectedUpdate()
     for n, p in ref.named_parameters():
-        expected[n] = np.zeros(tuple(p.shape))
-        expected.bounds[n] = np.zeros(tuple(p.shape))
+        expected[n] = np.zeros(tuple(real(p).shape))
+        expected.bounds[n] = np.zeros(tuple(real(p).shape))
     u = unit_round_off(torch.float32)
     encoder_ids: set[int] = set()
     for enc_name, encoder in encoders(ref).items():
@@ -130,7 +139,7 @@ def expected_deltas(
         objectives = [multimodal_key, enc_name] + [o for o in reaching if o not in (multimodal_key, enc_name)]
         per_objective = [
             [
-                torch.zeros_like(p) if grads[o][index[id(p)]] is None else grads[o][index[id(p)]]
+                real(torch.zeros_like(p) if grads[o][index[id(p)]] is None else grads[o][index[id(p)]])
                 for p in enc_params
             ]
             for o in objectives
@@ -139,11 +148,15 @@ def expected_deltas(
         sensitivity = decision_sensitivity(info, [p.numel() for p in enc_params])
         bounds = h_bound(per_objective, info, sensitivity)
         for p, ht, bt in zip(enc_params, h, bounds, strict=True):
-            expected[names[id(p)]] = -lr * ht.reshape(p.shape)
-            expected.bounds[names[id(p)]] = (lr * bt + u * lr * np.abs(ht)).reshape(p.shape)
+            expected[names[id(p)]] = -lr * ht.reshape(real(p).shape)
+            expected.bounds[names[id(p)]] = (lr * bt + u * lr * np.abs(ht)).reshape(real(p).shape)
     for n, p in params:
         if id(p) not in encoder_ids:
-            gs = [gl[index[id(p)]].double().numpy() for gl in grads.values() if gl[index[id(p)]] is not None]
+            gs = [
+                real(gl[index[id(p)]]).double().numpy()
+                for gl in grads.values()
+                if gl[index[id(p)]] is not None
+            ]
             if gs:
                 total = sum(gs)
                 expected[n] = -lr * total
@@ -159,8 +172,8 @@ def assert_moved_by(after: nn.Module, before: nn.Module, expected: Mapping[str, 
     bounds = getattr(expected, "bounds", {})
     u = unit_round_off(torch.float32)
     for name, p_new in after.named_parameters():
-        new = p_new.detach().double().cpu().numpy()
-        delta = new - old[name].detach().double().cpu().numpy()
+        new = real(p_new.detach()).double().cpu().numpy()
+        delta = new - real(old[name].detach()).double().cpu().numpy()
         want = expected[name]
         bound = (
             bounds.get(name, np.zeros_like(want)) + u * np.abs(new) * (1 + 2 * u) + np.finfo(np.float64).tiny

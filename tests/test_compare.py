@@ -197,3 +197,41 @@ def test_markdown_tables():
     # Per seed +10 and +5 points: mean +7.5, t(1) = 12.7062, sd 3.536 -> +-31.77.
     assert diff[2] == "| MMPareto \u2212 uniform | +7.50 [-24.27, +39.27] | -0.3750 [-1.9633, +1.2133] |"
     assert diff[3] == "| MMPareto \u2212 Pareto | +20.00 | n/a |"
+
+
+def test_the_report_skips_non_finite_values_and_says_so(tmp_path):
+    from test_plot import NON_FINITE_COUNTS, NON_FINITE_CSV
+
+    from mmpareto_lightning.cli.logs import (
+        NonFiniteWarning,
+        drop_non_finite,
+        encoder_dynamics,
+        read_metrics_csv,
+    )
+    from mmpareto_lightning.cli.report import RunResult, write_report
+
+    (tmp_path / "metrics.csv").write_text(NON_FINITE_CSV)
+    runs = []
+    for strategy, seed, loss in [("uniform", 0, 1.0), ("mmpareto", 0, math.inf), ("mmpareto", 1, 0.5)]:
+        scalars, skipped = drop_non_finite(read_metrics_csv(tmp_path / "metrics.csv"))
+        metrics = {"test/acc": 0.5 + 0.1 * seed, "test/loss": loss}
+        runs.append(RunResult(strategy, seed, metrics, encoder_dynamics(scalars), tmp_path, 1.0, skipped))
+    # Without the log's cleaning too: the report itself must survive any value.
+    raw = encoder_dynamics(read_metrics_csv(tmp_path / "metrics.csv"))
+    runs.append(RunResult("uniform", 1, {"test/acc": math.nan, "test/loss": -math.inf}, raw, tmp_path, 1.0))
+    labels = {"uniform": "uniform", "mmpareto": "MMPareto"}
+    (tmp_path / "out").mkdir()
+    with pytest.warns(NonFiniteWarning) as record:
+        result = write_report(
+            runs, ["uniform", "mmpareto"], labels, [0, 1], tmp_path / "out", 4.0, ["test/acc", "test/loss"]
+        )
+    messages = [str(w.message) for w in record]
+    assert any("mmpareto seed 0, test metrics" in m and "test/loss (1 value)" in m for m in messages)
+    report = result.files["results.md"].read_text()
+    assert result.files["training_dynamics.png"].read_bytes()[:8] == PNG_MAGIC
+    note = next(line for line in report.splitlines() if "Non-finite values" in line)
+    assert "MMPareto seed 0: " in note and "test/loss (1 value)" in note
+    assert "uniform seed 1: test/acc (1 value), test/loss (1 value)" in note
+    for key, count in NON_FINITE_COUNTS.items():
+        assert f"{key} ({count} value" in note
+    assert "inf" not in result.table and "nan" not in result.table

@@ -126,3 +126,53 @@ def test_tensorboard_files_without_tensorboard_name_the_extra(tmp_path, monkeypa
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r"mmpareto-lightning\[tensorboard\]"):
         read_scalars(tmp_path)
+
+
+# A diverging run: cos beta leaves [-1, 1], then reads inf, -inf and NaN; other columns too.
+NON_FINITE_CSV = (
+    "epoch,mmpareto/a/alpha_multimodal_step,mmpareto/a/alpha_unimodal_step,mmpareto/a/conflicts_step,"
+    "mmpareto/a/cos_beta_step,mmpareto/a/rescale_step,mmpareto/a/stationary_total,step,val/acc\n"
+    "0,0.5,0.5,0,0.5,1.0,0,0,\n"
+    "0,0.4,0.6,1,-1.28,1.5,0,1,\n"
+    "0,nan,nan,1,inf,inf,0,2,\n"
+    "0,0.3,0.7,1,-inf,2.0,inf,3,nan\n"
+    "0,0.5,0.5,0,nan,-inf,1,4,\n"
+    "0,0.5,0.5,0,0.25,1.0,1,5,0.5\n"
+)
+NON_FINITE_COUNTS = {
+    "mmpareto/a/alpha_multimodal_step": 1,
+    "mmpareto/a/alpha_unimodal_step": 1,
+    "mmpareto/a/cos_beta_step": 3,
+    "mmpareto/a/rescale_step": 2,
+    "mmpareto/a/stationary_total": 1,
+    "val/acc": 1,
+}
+
+
+def test_rolling_mean_and_averages_skip_infinities():
+    from mmpareto_lightning.cli.plotting import average_over_runs
+
+    assert rolling_mean([1.0, math.inf, -math.inf, 3.0], 4) == [1.0, 1.0, 1.0, 2.0]
+    assert average_over_runs([([0, 1], [math.inf, 2.0]), ([0, 1], [1.0, -math.inf])]) == ([0, 1], [1.0, 2.0])
+
+
+def test_drop_non_finite_counts_every_key(tmp_path):
+    from mmpareto_lightning.cli.logs import drop_non_finite
+
+    (tmp_path / "metrics.csv").write_text(NON_FINITE_CSV)
+    scalars, skipped = drop_non_finite(read_metrics_csv(tmp_path / "metrics.csv"))
+    assert skipped == NON_FINITE_COUNTS
+    assert scalars["mmpareto/a/cos_beta_step"] == {0: 0.5, 1: -1.28, 5: 0.25}
+    assert all(math.isfinite(v) for series in scalars.values() for v in series.values())
+
+
+def test_plot_skips_non_finite_values_and_says_so(tmp_path, capsys):
+    from mmpareto_lightning.cli.logs import NonFiniteWarning
+
+    (tmp_path / "metrics.csv").write_text(NON_FINITE_CSV)
+    with pytest.warns(NonFiniteWarning) as record:
+        main(["plot", str(tmp_path)])
+    message = str(record[0].message)
+    for key, count in NON_FINITE_COUNTS.items():
+        assert f"{key} ({count} value" in message
+    assert (tmp_path / "training_dynamics.png").read_bytes()[:8] == PNG_MAGIC

@@ -37,7 +37,7 @@ from mmpareto_lightning.cli.lightning_cli import (
     duplicate_callback_message,
     listed_mmpareto_callbacks,
 )
-from mmpareto_lightning.cli.logs import encoder_dynamics, read_metrics_csv
+from mmpareto_lightning.cli.logs import drop_non_finite, encoder_dynamics, read_metrics_csv, warn_non_finite
 from mmpareto_lightning.cli.report import (
     CompareResult,
     RunResult,
@@ -363,10 +363,11 @@ def run_compare(
                     bar.set_postfix_str(f"{plan.labels[strategy]}, seed {seed}")
                 t0 = time.perf_counter()
                 test_metrics, log_dir = run_one(plan.run_config(strategy, seed, log_root))
-                dynamics = encoder_dynamics(read_metrics_csv(log_dir / "metrics.csv"))
-                runs.append(
-                    RunResult(strategy, seed, test_metrics, dynamics, log_dir, time.perf_counter() - t0)
-                )
+                scalars, skipped = drop_non_finite(read_metrics_csv(log_dir / "metrics.csv"))
+                warn_non_finite(skipped, f"{plan.labels[strategy]} seed {seed}, {log_dir / 'metrics.csv'}")
+                dynamics = encoder_dynamics(scalars)
+                took = time.perf_counter() - t0
+                runs.append(RunResult(strategy, seed, test_metrics, dynamics, log_dir, took, skipped))
                 if len(runs) == 1:  # say it now, not after the last run
                     warn_missing(runs, plan.metrics or default_metrics(runs), warned)
                 if bar is not None:

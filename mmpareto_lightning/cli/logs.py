@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +19,17 @@ from typing import Any
 __all__ = [
     "TENSORBOARD_HINT",
     "EncoderDynamics",
+    "NonFiniteWarning",
     "Scalars",
+    "drop_non_finite",
     "encoder_dynamics",
     "find_runs",
     "read_metrics_csv",
     "read_run_config",
     "read_scalars",
     "read_tensorboard",
+    "skipped_text",
+    "warn_non_finite",
 ]
 
 TENSORBOARD_HINT = 'pip install "mmpareto-lightning[tensorboard]"'
@@ -128,6 +133,42 @@ def read_scalars(run_dir: str | Path) -> Scalars:
     raise FileNotFoundError(f"{directory} holds neither {_CSV} nor TensorBoard event files")
 
 
+class NonFiniteWarning(UserWarning):
+    """A log held non-finite values (NaN, inf, -inf); they were left out of the tables and figures."""
+
+
+def drop_non_finite(scalars: Mapping[str, Mapping[int, float]]) -> tuple[Scalars, dict[str, int]]:
+    """``scalars`` without its non-finite values, and key -> how many values were left out.
+
+    A diverging run can log inf or NaN (a loss, or a rule statistic on a step whose gradients were not
+    finite); means, rolling means and axis limits over them are meaningless or fail, so every reader
+    of a log drops them here and says so (:func:`warn_non_finite`).
+    """
+    clean: Scalars = {}
+    skipped: dict[str, int] = {}
+    for key, series in scalars.items():
+        kept = {step: v for step, v in series.items() if math.isfinite(v)}
+        if len(kept) != len(series):
+            skipped[key] = len(series) - len(kept)
+        clean[key] = kept
+    return clean, skipped
+
+
+def skipped_text(skipped: Mapping[str, int]) -> str:
+    """``key (n values), ...`` for messages."""
+    return ", ".join(f"{key} ({n} value{'s' if n != 1 else ''})" for key, n in sorted(skipped.items()))
+
+
+def warn_non_finite(skipped: Mapping[str, int], where: str, stacklevel: int = 2) -> None:
+    """Warn, naming every key and how many of its values were non-finite and left out."""
+    if skipped:
+        warnings.warn(
+            f"{where}: left out non-finite values (NaN, inf, -inf) of {skipped_text(skipped)}.",
+            NonFiniteWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+
 def read_run_config(run_dir: str | Path, section: str = "mmpareto") -> dict[str, Any] | None:
     """The ``section`` of the ``config.yaml`` that LightningCLI saved in ``run_dir``, if there is one."""
     path = Path(run_dir) / "config.yaml"
@@ -170,7 +211,7 @@ class EncoderDynamics:
 
     def conflict_rate(self) -> float:
         """Share of the logged steps with a conflict (every step when ``log_every_n_steps=1``)."""
-        values = [v for v in self.conflicts if not math.isnan(v)]
+        values = [v for v in self.conflicts if math.isfinite(v)]
         return sum(values) / len(values) if values else math.nan
 
     def stationary_events(self) -> list[int]:
@@ -182,7 +223,7 @@ class EncoderDynamics:
         if self.stationary_total:
             events, previous = [], 0.0
             for step, total in zip(self.steps, self.stationary_total, strict=True):
-                if not math.isnan(total):
+                if math.isfinite(total):
                     if total > previous:
                         events.append(step)
                     previous = total
@@ -194,12 +235,12 @@ class EncoderDynamics:
         if self.stationary_total:
             out, last = [], 0.0
             for total in self.stationary_total:
-                last = last if math.isnan(total) else total
+                last = total if math.isfinite(total) else last
                 out.append(last)
             return out
         out, running = [], 0.0
         for v in self.stationary:
-            running += 0.0 if math.isnan(v) else v
+            running += v if math.isfinite(v) else 0.0
             out.append(running)
         return out
 

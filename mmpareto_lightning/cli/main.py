@@ -198,7 +198,14 @@ def _describe(settings: dict[str, Any]) -> str:
 
 def plot_main(argv: Sequence[str]) -> Path:
     """``mmpareto-lightning plot``: draw one run's training dynamics. Returns the PNG's path."""
-    from mmpareto_lightning.cli.logs import encoder_dynamics, find_runs, read_run_config, read_scalars
+    from mmpareto_lightning.cli.logs import (
+        drop_non_finite,
+        encoder_dynamics,
+        find_runs,
+        read_run_config,
+        read_scalars,
+        warn_non_finite,
+    )
     from mmpareto_lightning.cli.plotting import plot_dynamics
 
     args = plot_parser().parse_args(list(argv))
@@ -211,7 +218,9 @@ def plot_main(argv: Sequence[str]) -> Path:
         print(
             f"{len(found)} runs under {args.run_dir}; plotting the newest: {run} (or pass a run's directory)"
         )
-    dynamics = encoder_dynamics(read_scalars(run))
+    scalars, skipped = drop_non_finite(read_scalars(run))
+    warn_non_finite(skipped, f"mmpareto-lightning plot, {run}")
+    dynamics = encoder_dynamics(scalars)
     if not dynamics:
         raise SystemExit(
             f"mmpareto-lightning plot: {run} has no step-level MMPareto metrics "

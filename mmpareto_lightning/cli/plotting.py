@@ -28,10 +28,11 @@ Runs = Sequence[Mapping[str, EncoderDynamics]]
 
 
 def rolling_mean(values: Sequence[float], window: int) -> list[float]:
-    """Trailing mean over the last ``window`` values (fewer at the start); NaNs are left out."""
+    """Trailing mean over the last ``window`` values (fewer at the start); non-finite values (NaN for a
+    step without a value, inf) are left out."""
     out = []
     for i in range(len(values)):
-        chunk = [v for v in values[max(0, i - window + 1) : i + 1] if not math.isnan(v)]
+        chunk = [v for v in values[max(0, i - window + 1) : i + 1] if math.isfinite(v)]
         out.append(statistics.fmean(chunk) if chunk else math.nan)
     return out
 
@@ -39,11 +40,12 @@ def rolling_mean(values: Sequence[float], window: int) -> list[float]:
 def average_over_runs(
     series: Sequence[tuple[Sequence[int], Sequence[float]]],
 ) -> tuple[list[int], list[float]]:
-    """Mean over runs at every step any run logged (NaNs and runs without the step are left out)."""
+    """Mean over runs at every step any run logged (non-finite values and runs without the step are left
+    out)."""
     by_step: dict[int, list[float]] = {}
     for steps, values in series:
         for s, v in zip(steps, values, strict=True):
-            if not math.isnan(v):
+            if math.isfinite(v):
                 by_step.setdefault(s, []).append(v)
     ordered = sorted(by_step)
     return ordered, [statistics.fmean(by_step[s]) for s in ordered]
@@ -63,7 +65,7 @@ def _pyplot() -> Any:
 
 
 def _peak(line: Any) -> float:
-    return max((float(y) for y in line.get_ydata() if not math.isnan(y)), default=0.0)
+    return max((float(y) for y in line.get_ydata() if math.isfinite(y)), default=0.0)
 
 
 def _curve(runs: Runs, enc: str, get: Any) -> tuple[list[int], list[float]]:

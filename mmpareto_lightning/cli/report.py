@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import math
 import os
 import platform
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmpareto_lightning.cli.logs import EncoderDynamics
+from mmpareto_lightning.cli.logs import EncoderDynamics, skipped_text, warn_non_finite
 from mmpareto_lightning.cli.plotting import plot_dynamics
 from mmpareto_lightning.cli.summary import (
     Column,
@@ -61,6 +62,8 @@ class RunResult:
         dynamics: Encoder -> what the rule did at each training step.
         log_dir: Directory of the run's CSVLogger.
         seconds: Wall time of fit + test.
+        skipped: Key -> how many of its logged values were non-finite and left out (training log and
+            test metrics).
     """
 
     strategy: str
@@ -69,6 +72,7 @@ class RunResult:
     dynamics: dict[str, EncoderDynamics] = field(repr=False)
     log_dir: Path
     seconds: float
+    skipped: dict[str, int] = field(default_factory=dict)
 
     @property
     def conflict_rate(self) -> dict[str, float]:
@@ -119,7 +123,7 @@ def metric_columns(runs: Sequence[RunResult], metrics: Sequence[str], raw: bool 
     names.update({f"test/acc_{e}": f"Acc {e} head" for e in encoders(runs)})
     columns = []
     for key in metrics:
-        values = [r.metrics[key] for r in runs if key in r.metrics and not math.isnan(r.metrics[key])]
+        values = [r.metrics[key] for r in runs if key in r.metrics and math.isfinite(r.metrics[key])]
         if key in names:  # the example models' accuracies and F1: fractions, logged or not
             fraction = all(0.0 <= v <= 1.0 for v in values)
         else:
@@ -191,6 +195,7 @@ def write_report(
         notes: Lines for the end of ``results.md`` (command, config, machine, ...).
         warned: Metric keys already warned about (they are not warned about again).
     """
+    runs = [_finite_metrics(r) for r in runs]
     keys = list(metrics or default_metrics(runs))
     warn_missing(runs, keys, set() if warned is None else warned)
     columns = metric_columns(runs, keys, raw)
@@ -244,6 +249,26 @@ def write_report(
             "no interval. (pp): percentage points.",
         ]
     notes = [*notes, *([f"Empty columns (no run logged them): {', '.join(empty)}."] if empty else [])]
+    skipped = [f"{labels[r.strategy]} seed {r.seed}: {skipped_text(r.skipped)}" for r in runs if r.skipped]
+    if skipped:
+        notes.append(
+            "Non-finite values (NaN, inf, -inf) were left out of the tables and the figure: "
+            + "; ".join(skipped)
+            + "."
+        )
     lines += ["", *[f"- {n}" for n in notes], ""]
     files["results.md"].write_text("\n".join(lines))
     return CompareResult(runs=list(runs), table=table, differences=differences, files=files, seconds=seconds)
+
+
+def _finite_metrics(run: RunResult) -> RunResult:
+    """``run`` without non-finite test metrics (counted in ``skipped``, with a warning)."""
+    bad = {k: 1 for k, v in run.metrics.items() if not math.isfinite(v)}
+    if not bad:
+        return run
+    warn_non_finite(bad, f"{run.strategy} seed {run.seed}, test metrics", stacklevel=3)
+    metrics = {k: v for k, v in run.metrics.items() if k not in bad}
+    skipped = dict(run.skipped)
+    for key in bad:
+        skipped[key] = skipped.get(key, 0) + 1
+    return dataclasses.replace(run, metrics=metrics, skipped=skipped)

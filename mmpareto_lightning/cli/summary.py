@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 Results = Mapping[str, Mapping[int, Mapping[str, float]]]
-"""Strategy (variant) -> seed -> column key -> value (NaN or absent: not logged)."""
+"""Strategy (variant) -> seed -> column key -> value (absent or not finite: left out)."""
 
 _T_975 = (
     12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
@@ -94,9 +94,7 @@ class PairedDifference:
 
 
 def _values(per_seed: Mapping[int, Mapping[str, float]], key: str) -> dict[int, float]:
-    return {
-        seed: v for seed, row in per_seed.items() if (v := row.get(key)) is not None and not math.isnan(v)
-    }
+    return {seed: v for seed, row in per_seed.items() if (v := row.get(key)) is not None and math.isfinite(v)}
 
 
 def paired_difference(reference: Mapping[int, float], other: Mapping[int, float]) -> PairedDifference | None:

@@ -55,7 +55,7 @@ class MMParetoEngine:
     ) -> None:
         self.config = config or RuleConfig()
         self.splitter = GradientSplitter(encoders, multimodal_key=multimodal_key, param_names=param_names)
-        self._reduce_buffer: Tensor | None = None
+        self._reduce_buffers: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
     @property
     def encoder_names(self) -> list[str]:
@@ -86,13 +86,16 @@ class MMParetoEngine:
             encoder_loss=encoder_loss,
         )
 
-    def integrate(self, reduce_fn: ReduceFn | None = None) -> dict[str, RuleStats]:
+    def integrate(self, reduce_fn: ReduceFn | None = None, run_hooks: bool = True) -> dict[str, RuleStats]:
         """Apply the rule to every encoder of the window and write the result into ``.grad``.
 
         Args:
             reduce_fn: averages a tensor across processes (data parallel); it receives one flat tensor
                 with every extra objective's gradient of every encoder, so a run makes one collective.
                 The main objective's gradient is in ``.grad`` and is averaged by DDP's own backward.
+            run_hooks: run the encoder parameters' post-accumulate-grad hooks, held during the
+                backward, on the integrated gradients now (``False``: the caller runs them with
+                ``engine.splitter.run_post_accumulate_grad_hooks()``, e.g. after a finite check).
 
         Returns:
             encoder name -> the step's :class:`RuleStats`, for the encoders that took part.
@@ -114,6 +117,8 @@ class MMParetoEngine:
                     if not reached:
                         p.grad = None
         self.splitter.close_window()
+        if run_hooks:
+            self.splitter.run_post_accumulate_grad_hooks()
         return stats
 
     def _reduce_extras(self, reduce_fn: ReduceFn) -> None:
@@ -126,15 +131,26 @@ class MMParetoEngine:
         tensors = [g for layout, k in extras for g in layout.grads[k]]
         if not tensors:
             return
-        size = sum(t.numel() for t in tensors)
-        buffer = self._reduce_buffer
-        if buffer is None or buffer.numel() != size or buffer.device != tensors[0].device:
-            buffer = self._reduce_buffer = torch.empty(size, dtype=tensors[0].dtype, device=tensors[0].device)
-        torch.cat([t.reshape(-1) for t in tensors], out=buffer)
-        reduced = reduce_fn(buffer)
-        views = iter(torch.split(reduced, [t.numel() for t in tensors]))
+        # One flat buffer per real dtype and device (one collective in the usual case of a single dtype):
+        # a complex gradient travels as its real view, so one buffer never mixes dtypes.
+        groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        real = [_real(t) for t in tensors]
+        for i, t in enumerate(real):
+            groups.setdefault((t.dtype, t.device), []).append(i)
+        reduced: list[Tensor] = list(tensors)
+        for key, members in groups.items():
+            size = sum(real[i].numel() for i in members)
+            buffer = self._reduce_buffers.get(key)
+            if buffer is None or buffer.numel() != size:
+                buffer = self._reduce_buffers[key] = torch.empty(size, dtype=key[0], device=key[1])
+            torch.cat([real[i].reshape(-1) for i in members], out=buffer)
+            views = torch.split(reduce_fn(buffer), [real[i].numel() for i in members])
+            for i, view in zip(members, views, strict=True):
+                shaped = view.view(real[i].shape)
+                reduced[i] = torch.view_as_complex(shaped) if tensors[i].is_complex() else shaped
+        flat = iter(reduced)
         for layout, k in extras:
-            layout.grads[k] = [next(views).view_as(g) for g in layout.grads[k]]
+            layout.grads[k] = [next(flat) for _ in layout.grads[k]]
 
     def all_finite(self, stats: Mapping[str, RuleStats], parameters: Iterable[nn.Parameter] = ()) -> Tensor:
         """0-d bool tensor: every loss of the window, every encoder gradient (before and after the rule) and
@@ -164,15 +180,25 @@ class MMParetoEngine:
         return [n for n, ok in zip(names, flags.tolist(), strict=True) if not ok]
 
 
+def _real(t: Tensor) -> Tensor:
+    """A complex tensor's real view (``view_as_real``: no copy); any other tensor as it is."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
 def _all_finite(tensors: list[Tensor]) -> Tensor:
     """0-d bool tensor: every entry of ``tensors`` is finite, in one read (and write) pass.
 
     GradScaler's fused check (with a scale of 1, which leaves every value as it is) flags inf and NaN
     exactly, unlike a 2-norm or a sum, which overflow for large finite values, and is several times
-    faster on CPU than a max-abs norm.
+    faster on CPU than a max-abs norm. It takes neither complex nor sparse tensors: a complex tensor is
+    checked through its real view (no copy), a sparse one through its coalesced values (coalescing sums
+    duplicate entries, as the optimizer's update will).
     """
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in tensors:
+        if t.layout != torch.strided:
+            t = t.coalesce().values() if t.layout == torch.sparse_coo else t.values()
+        t = _real(t)
         groups.setdefault((t.device, t.dtype), []).append(t)
     found = []
     for (device, _), group in groups.items():

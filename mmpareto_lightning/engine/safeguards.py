@@ -17,7 +17,15 @@ from torch import Tensor, nn
 
 from mmpareto_lightning.engine.capture import CapturedOutput
 
-__all__ = ["GradientSplittingError", "buffers_kept", "check_graph"]
+__all__ = [
+    "GradientSplittingError",
+    "buffers_kept",
+    "check_graph",
+    "check_strided",
+    "post_accumulate_grad_hooks_held",
+    "reaches_parameters",
+    "run_post_accumulate_grad_hooks",
+]
 
 
 class GradientSplittingError(ValueError):
@@ -56,9 +64,9 @@ def check_graph(
                     f"Loss {name!r} reaches parameter {describe(variable)} of encoder "
                     f"{owner[id(variable)]!r} without passing through the encoder's output, so "
                     "its gradient cannot be split exactly. Compute losses only from the encoders' "
-                    "outputs (no losses on intermediate features, no weight penalties on encoder "
-                    "parameters inside a loss: use the optimizer's weight_decay, no parameters shared "
-                    "with a head)."
+                    "outputs, as the encoder's forward returns them (no losses on intermediate features "
+                    "or on tensors stashed on the module, no weight penalties on encoder parameters "
+                    "inside a loss: use the optimizer's weight_decay, no parameters shared with a head)."
                 )
             stack.extend(next_node for next_node, _ in node.next_functions)
     boundary = {o.alias.grad_fn: enc for enc, outs in captured.items() for o in outs}
@@ -99,6 +107,75 @@ def check_graph(
                     "embeddings included, rather than its `.encoder`), or freeze it."
                 )
             stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+def reaches_parameters(loss: Tensor, parameter_ids: set[int]) -> bool:
+    """Whether ``loss`` depends on any of the parameters (by id): a walk of its whole autograd graph,
+    for error messages only."""
+    seen: set[object] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in parameter_ids:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+@contextmanager
+def post_accumulate_grad_hooks_held(params: Iterable[Tensor], held: dict[int, Tensor]) -> Iterator[None]:
+    """Keep the post-accumulate-grad hooks of ``params`` from running during the backward inside.
+
+    The split's ordinary backward accumulates only the main objective's gradient into an encoder
+    parameter's ``.grad``, and the rule replaces it afterwards. A post-accumulate-grad hook (a
+    per-parameter clip, an optimizer step in backward, a memory tracker) must see the gradient that is
+    applied, so it is held here (the hook dictionary is emptied in place, so the handles keep working)
+    and the parameter is added to ``held``; :func:`run_post_accumulate_grad_hooks` runs the hooks once
+    ``.grad`` holds the integrated gradient.
+    """
+    saved = []
+    for p in params:
+        hooks = p._post_accumulate_grad_hooks
+        if hooks:
+            saved.append((hooks, dict(hooks)))
+            hooks.clear()
+            held[id(p)] = p
+    try:
+        yield
+    finally:
+        for hooks, kept in saved:
+            added = dict(hooks)  # registered during the backward: after the earlier ones
+            hooks.clear()
+            hooks.update(kept)
+            hooks.update(added)
+
+
+def run_post_accumulate_grad_hooks(params: Iterable[Tensor]) -> None:
+    """Run the post-accumulate-grad hooks of ``params`` that hold a gradient, as the backward would."""
+    with torch.no_grad():
+        for p in params:
+            hooks = p._post_accumulate_grad_hooks
+            if hooks and p.grad is not None:
+                for hook in list(hooks.values()):
+                    hook(p)
+
+
+def check_strided(
+    grads: Iterable[Tensor], params: Sequence[Tensor], describe: Callable[[Tensor], str]
+) -> None:
+    """Refuse a sparse gradient on an encoder parameter: the rule works on dense (strided) tensors."""
+    for p, g in zip(params, grads, strict=False):
+        if g is not None and g.layout != torch.strided:
+            raise GradientSplittingError(
+                f"Parameter {describe(p)} got a sparse gradient ({g.layout}), e.g. from "
+                "`nn.Embedding(sparse=True)` or `F.embedding(..., sparse=True)` in an encoder. MMPareto "
+                "combines the per-loss gradients of an encoder as dense tensors. Use `sparse=False` in "
+                "the encoders (sparse embeddings in heads are fine)."
+            )
 
 
 @contextmanager

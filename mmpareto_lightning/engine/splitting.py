@@ -37,7 +37,15 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from mmpareto_lightning.engine.capture import OutputCapture
-from mmpareto_lightning.engine.safeguards import GradientSplittingError, buffers_kept, check_graph
+from mmpareto_lightning.engine.safeguards import (
+    GradientSplittingError,
+    buffers_kept,
+    check_graph,
+    check_strided,
+    post_accumulate_grad_hooks_held,
+    reaches_parameters,
+    run_post_accumulate_grad_hooks,
+)
 
 __all__ = ["RESERVED_LOSS_KEYS", "EncoderObjectives", "GradientSplitter", "GradientSplittingError"]
 
@@ -141,6 +149,9 @@ class GradientSplitter:
                 owner[id(p)] = name
         self.multimodal_key = multimodal_key
         self.encoders = dict(encoders)
+        self._params = {name: list(module.parameters()) for name, module in self.encoders.items()}
+        # Encoder parameters whose post-accumulate-grad hooks were held in this window's backward passes.
+        self._held_hooks: dict[int, Tensor] = {}
         self._param_names = dict(param_names or {})
         self._owner = owner
         # Encoder buffers as they were before the extra backward, restored if it changed them.
@@ -169,6 +180,23 @@ class GradientSplitter:
     def trainable_params(self, name: str) -> list[nn.Parameter]:
         """The parameters of encoder ``name`` that require grad now."""
         return [p for p in self.encoders[name].parameters() if p.requires_grad]
+
+    def holding_post_accumulate_grad_hooks(self) -> AbstractContextManager[None]:
+        """Hold the post-accumulate-grad hooks of the encoders' trainable parameters during a backward
+        the caller runs itself (a plain summed-loss step); :meth:`run_post_accumulate_grad_hooks` runs
+        them once ``.grad`` holds the gradient to apply."""
+        params = (p for params in self._params.values() for p in params if p.requires_grad)
+        return post_accumulate_grad_hooks_held(params, self._held_hooks)
+
+    def run_post_accumulate_grad_hooks(self) -> None:
+        """Run the post-accumulate-grad hooks held during the window's backward passes (once per
+        parameter, on the gradient ``.grad`` holds now: after the rule, the integrated one)."""
+        held, self._held_hooks = self._held_hooks, {}
+        run_post_accumulate_grad_hooks(held.values())
+
+    def discard_post_accumulate_grad_hooks(self) -> None:
+        """Forget the hooks held in this window without running them (a skipped optimizer step)."""
+        self._held_hooks = {}
 
     def release_outputs(self) -> None:
         """Let go of the captured outputs (and the graph they hold) without a backward."""
@@ -251,7 +279,7 @@ class GradientSplitter:
         new_window = not (accumulate and self._window_open)
         if new_window:
             self.layouts = {}
-        step_layouts = self._assign_objectives(present, names, cot, owner, new_window)
+        step_layouts = self._assign_objectives(present, losses, cot, owner, new_window)
         check_graph(losses, self._capture.outputs, step_layouts, self._owner, self._describe)
         if encoder_loss is None:
             with buffers_kept({enc: self.encoders[enc] for enc in step_layouts}, self._snapshots):
@@ -267,6 +295,7 @@ class GradientSplitter:
 
         if new_window:
             self._filled = set()
+            self._held_hooks = {}
         for layout in self.layouts.values():
             for p in layout.params:
                 if id(p) in self._filled:  # zeros filled in by the splitter carry no information
@@ -276,8 +305,10 @@ class GradientSplitter:
             main = cot[encoder_loss or self.layouts[enc].objectives[1]][i]
             replacement = main if main is not None else torch.zeros_like(out)
             handles.append(out.register_hook(_Replace(replacement)))
+        params = [p for layout in self.layouts.values() for p in layout.params]
         try:
-            backward_fn(sum(losses.values()))  # type: ignore[arg-type]
+            with post_accumulate_grad_hooks_held(params, self._held_hooks):
+                backward_fn(sum(losses.values()))  # type: ignore[arg-type]
         finally:
             for h in handles:
                 h.remove()
@@ -285,6 +316,7 @@ class GradientSplitter:
             self.layouts = {}
             return self.layouts
         for layout in self.layouts.values():
+            check_strided([p.grad for p in layout.params], layout.params, self._describe)
             for i, p in enumerate(layout.params):
                 if p.grad is None:  # the main objective does not reach this parameter
                     p.grad = torch.zeros_like(p)
@@ -347,6 +379,15 @@ class GradientSplitter:
             if trainable and called:
                 present.append(name)
             elif trainable and name in losses:
+                opaque = self._capture.opaque[name]
+                if opaque:
+                    raise GradientSplittingError(
+                        f"Encoder {name!r} returned its output inside {_objects(opaque)}, which MMPareto "
+                        "cannot look into: it captures the tensors an encoder's forward returns, alone or "
+                        "in tuples, lists, dicts and dataclasses (ModelOutput included). Return the "
+                        f"tensors (or make {opaque[0]} a dataclass or a NamedTuple) and compute the heads "
+                        "from what the encoder returns."
+                    )
                 raise GradientSplittingError(
                     f"Encoder {name!r} produced no output that requires grad during the forward pass, but "
                     f"its loss {name!r} is there. Call the encoder module itself (its forward hook captures "
@@ -361,12 +402,13 @@ class GradientSplitter:
     def _assign_objectives(
         self,
         present: Sequence[str],
-        names: Sequence[str],
+        losses: Mapping[str, Tensor],
         cot: Mapping[str, list[Tensor | None]],
         owner: list[str],
         new_window: bool,
     ) -> dict[str, EncoderObjectives]:
         """This step's layout of every present encoder; they must match the window's earlier steps."""
+        names = list(losses)
         step: dict[str, EncoderObjectives] = {}
         for enc in present:
             idx = [i for i, o in enumerate(owner) if o == enc]
@@ -379,11 +421,7 @@ class GradientSplitter:
                 )
             for required, role in ((self.multimodal_key, "multimodal"), (enc, "unimodal")):
                 if required not in reaching:
-                    raise GradientSplittingError(
-                        f"The {role} loss {required!r} does not depend on the output of encoder {enc!r}, so "
-                        "there is nothing to integrate. Compute it from that encoder's output (for the "
-                        "unimodal loss: a unimodal head on the encoder's features)."
-                    )
+                    raise GradientSplittingError(self._not_reaching(enc, required, role, losses[required]))
             others = [n for n in reaching if n not in (self.multimodal_key, enc)]
             layout = EncoderObjectives(enc, self.trainable_params(enc), [self.multimodal_key, enc, *others])
             earlier = None if new_window else self.layouts.get(enc)
@@ -428,6 +466,7 @@ class GradientSplitter:
                 params.extend(layout.params)
                 targets.append((layout, k))
             grads = torch.autograd.grad(outs, params, cots, retain_graph=True, allow_unused=True)
+            check_strided(grads, params, self._describe)
             start = 0
             for layout, k in targets:
                 new = []
@@ -461,9 +500,39 @@ class GradientSplitter:
                     p.grad = torch.zeros_like(p)
             self.layouts[enc] = step[enc] = layout
 
+    def _not_reaching(self, enc: str, loss_name: str, role: str, loss: Tensor) -> str:
+        """Why a required loss does not reach the captured output of ``enc`` (on the error path only)."""
+        params = {id(p) for p in self.encoders[enc].parameters()}
+        if not reaches_parameters(loss, params):
+            return (
+                f"The {role} loss {loss_name!r} does not depend on encoder {enc!r}, so there is nothing "
+                "to integrate. Compute it from that encoder's output (for the unimodal loss: a unimodal "
+                "head on the encoder's features)."
+            )
+        opaque = self._capture.opaque[enc]
+        path = (
+            f"the encoder returned part of its output inside {_objects(opaque)}, which MMPareto cannot "
+            "look into, or "
+            if opaque
+            else ""
+        )
+        return (
+            f"The {role} loss {loss_name!r} depends on encoder {enc!r}, but not through the output "
+            f"MMPareto captured from the encoder's forward: {path}a head reads a tensor the encoder did "
+            "not return (stashed on the module, e.g. `self.features = z` read as `encoder.features`, or "
+            "an intermediate feature). The per-loss gradients are split at the tensors the encoder's "
+            "forward returns (alone or in tuples, lists, dicts and dataclasses): return the features "
+            "from `forward` and compute every head from that return value."
+        )
+
     def _describe(self, parameter: Tensor) -> str:
         name = self._param_names.get(id(parameter))
         return f"{name!r} (shape {tuple(parameter.shape)})" if name else f"of shape {tuple(parameter.shape)}"
+
+
+def _objects(type_names: Sequence[str]) -> str:
+    listed = " / ".join(f"a {n}" for n in type_names)
+    return f"{listed} object" if len(type_names) == 1 else f"{listed} objects"
 
 
 class _Replace:

@@ -17,7 +17,13 @@ from torchmetrics import Metric
 
 from mmpareto_lightning.distributed import all_ranks, mean_across_ranks
 from mmpareto_lightning.engine import GradientSplittingError, MMParetoEngine
-from mmpareto_lightning.lightning.fit_checks import check_trainer, validated_encoders
+from mmpareto_lightning.lightning.fit_checks import (
+    check_ddp_reducer,
+    check_optimizer,
+    check_parameters,
+    check_trainer,
+    validated_encoders,
+)
 from mmpareto_lightning.lightning.metrics import MMParetoMetrics
 from mmpareto_lightning.lightning.module import MMParetoModule, attach_driver, detach_driver, ensure_wrapped
 from mmpareto_lightning.lightning.stepping import OptimizationBookkeeping
@@ -38,8 +44,9 @@ class MMParetoCallback(Callback):
 
     ``Trainer(accumulate_grad_batches=..., gradient_clip_val=..., gradient_clip_algorithm=...)`` work as
     in automatic optimization (the callback takes them over, since Lightning rejects them in manual
-    mode); the same settings can be given here instead. Accumulation sums the per-loss gradients of the
-    window before the rule; clipping acts on the integrated (and, under 16-bit AMP, unscaled) gradients.
+    mode); the same settings can be given here instead. Accumulation divides every loss by the number of
+    batches (Lightning's convention) and adds up the per-loss gradients of the window, i.e. averages them,
+    before the rule; clipping acts on the integrated (and, under 16-bit AMP, unscaled) gradients.
 
     Args:
         strategy: ``"mmpareto"`` (default), ``"pareto"`` (conventional MGDA), ``"uniform"`` (plain
@@ -48,13 +55,15 @@ class MMParetoCallback(Callback):
             for ablations.
         rescale: ``"per_tensor"`` (the authors' code, never shrinks) or ``"per_encoder"`` (the paper's
             formula).
-        gamma: final scale; ``None`` gives 1.5 with ``per_tensor`` rescale (authors' code) and 1.0
-            otherwise. It also applies to ``"uniform"`` (e.g. ``gamma=1.5``: the step-size control of
-            MMPareto's enlarged steps).
+        gamma: final scale; ``None`` gives 1.5 for ``strategy="mmpareto"`` with ``rescale="per_tensor"``
+            (the authors' code) and 1.0 for every other combination (``per_encoder``, ``"pareto"``,
+            ``"uniform"``, ``"multimodal_only"``). A number also applies to ``"uniform"`` (e.g.
+            ``gamma=1.5``: the step-size control of MMPareto's enlarged steps).
         multimodal_key: name of the multimodal loss in the dict ``training_step`` returns.
         stationarity_tol: relative tolerance of the Pareto-stationarity test.
-        accumulate_grad_batches: number of batches whose gradients are summed before each step (or set
-            it on the Trainer).
+        accumulate_grad_batches: number of batches per optimizer step; every loss is divided by it
+            (Lightning's convention), so the step applies the window's mean gradient (or set it on the
+            Trainer).
         gradient_clip_val: clip the integrated gradients to this value (``None``: no clipping; or set it
             on the Trainer).
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.
@@ -142,6 +151,9 @@ class MMParetoCallback(Callback):
         self._batch_seen = False
         # A window of the split-free baselines (diagnostics=False) has gradients waiting in .grad.
         self._cheap_window_open = False
+        # The loss of the current window (sum of the named losses, / N under accumulation): what the
+        # closure handed to the optimizer returns.
+        self._window_loss: Tensor | None = None
         self._engine: MMParetoEngine | None = None
         self._metrics: MMParetoMetrics | None = None
         self._module: MMParetoModule | None = None
@@ -235,6 +247,11 @@ class MMParetoCallback(Callback):
                 f"{len(trainer.optimizers)}. Put all parameters in one optimizer (parameter groups can keep "
                 "different learning rates)."
             )
+        check_optimizer(trainer.optimizers[0])
+        check_ddp_reducer(trainer)
+        if self._engine is not None:
+            clipping = self.gradient_clip_algorithm if self.gradient_clip_val is not None else None
+            check_parameters(trainer, pl_module, self._engine.splitter.encoders, clipping)
         if self._metrics is not None:
             self._metrics.to(pl_module.device)
             self._totals = {k: v.to(pl_module.device) for k, v in self._totals.items()}
@@ -256,6 +273,7 @@ class MMParetoCallback(Callback):
             self._engine.splitter.release_outputs()
             self._engine = None
         self._cheap_window_open = False
+        self._window_loss = None
         if self._module is not None:
             detach_driver(self._module, self)
             self._module = None
@@ -336,11 +354,13 @@ class MMParetoCallback(Callback):
         if not last and isinstance(trainer.strategy, ParallelStrategy):
             sync = trainer.strategy.block_backward_sync()
         splitter = self._engine.splitter
+        new_window = not (splitter.window_open or self._cheap_window_open)
         with sync:
             try:
                 if not self.diagnostics and self.rule.strategy == "uniform":
                     splitter.validate_losses(window)
-                    pl_module.manual_backward(sum(window.values()))
+                    with splitter.holding_post_accumulate_grad_hooks():
+                        pl_module.manual_backward(sum(window.values()))
                 else:
                     self._engine.backward(
                         window,
@@ -356,6 +376,11 @@ class MMParetoCallback(Callback):
 
         detached = {k: v.detach() for k, v in losses.items()}
         loss_values = self._metrics.loss_values(detached)
+        # The objective of the window's gradients, which the optimizer's closure returns.
+        batch_loss = loss_values["loss"] / n if n > 1 else loss_values["loss"]
+        self._window_loss = (
+            batch_loss if new_window or self._window_loss is None else self._window_loss + batch_loss
+        )
         created = self._metrics.update_losses(loss_values)
         for name, layout in splitter.layouts.items():
             created |= self._metrics.set_objectives(name, layout.objectives)
@@ -372,7 +397,7 @@ class MMParetoCallback(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         encoder_params = self._engine.splitter.encoder_of
         if self.diagnostics:
-            stats = self._engine.integrate(reduce_fn=mean_across_ranks(trainer.world_size))
+            stats = self._engine.integrate(reduce_fn=mean_across_ranks(trainer.world_size), run_hooks=False)
             others = [p for p in pl_module.parameters() if p.requires_grad and id(p) not in encoder_params]
         else:
             self._cheap_window_open = False
@@ -392,8 +417,12 @@ class MMParetoCallback(Callback):
         self._record(pl_module, stats, finite, self.log_on_step and _is_logging_step(trainer))
         skip = finite is not None and not bool(finite)  # the step's single host synchronisation
         if skip:
+            self._engine.splitter.discard_post_accumulate_grad_hooks()
             self._warn_skipped(pl_module, stats)
-        self.bookkeeping.step(trainer, pl_module, optimizer, skip=skip)
+        else:
+            # Held during the backward: the encoder parameters' hooks see the gradient that is applied.
+            self._engine.splitter.run_post_accumulate_grad_hooks()
+        self.bookkeeping.step(trainer, pl_module, optimizer, skip=skip, loss=self._window_loss)
 
     def _warn_skipped(self, pl_module: MMParetoModule, stats: Mapping[str, RuleStats]) -> None:
         assert self._engine is not None

@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import lightning.pytorch as pl
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
+from torch.optim import LBFGS
 
-__all__ = ["check_trainer", "validated_encoders"]
+__all__ = ["check_ddp_reducer", "check_optimizer", "check_parameters", "check_trainer", "validated_encoders"]
 
 _SUPPORTED_STRATEGIES = (
     "single-device (CPU, one GPU) and DDP (`ddp`, `ddp_spawn`, `ddp_find_unused_parameters_true`)"
@@ -93,3 +95,78 @@ def validated_encoders(pl_module: pl.LightningModule) -> dict[str, nn.Module]:
                 "of one encoder only."
             )
     return dict(encoders)
+
+
+def check_parameters(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    encoders: Mapping[str, nn.Module],
+    clip_algorithm: str | None,
+) -> None:
+    """Refuse parameters whose gradients the split, the rule or the step cannot serve exactly.
+
+    Args:
+        clip_algorithm: the gradient clipping algorithm in use (``None``: no clipping).
+    """
+    param_names = {id(p): n for n, p in pl_module.named_parameters()}
+    module_names = {id(m): n for n, m in pl_module.named_modules()}
+    for enc, encoder in encoders.items():
+        for sub in encoder.modules():
+            if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)) and sub.sparse:
+                raise MisconfigurationException(
+                    f"Module {module_names.get(id(sub), type(sub).__name__)!r} "
+                    f"({type(sub).__name__}(sparse=True)) of encoder {enc!r} produces sparse gradients, "
+                    "but MMPareto combines the per-loss gradients of an encoder as dense tensors. Use "
+                    "`sparse=False` in the encoders (sparse embeddings in heads are fine)."
+                )
+        # The rule decides on one real dtype per encoder (a complex parameter counts as its real view).
+        first: dict[object, str] = {}
+        for p in encoder.parameters():
+            if p.requires_grad:
+                first.setdefault(p.dtype.to_real(), param_names.get(id(p), "?"))
+        if len(first) > 1:
+            found = ", ".join(f"{name!r} ({dtype})" for dtype, name in first.items())
+            raise MisconfigurationException(
+                f"The trainable parameters of encoder {enc!r} mix real dtypes ({found}; a complex "
+                "parameter counts as its real part's dtype). MMPareto integrates an encoder's gradients in "
+                "one dtype: cast the encoder to one dtype (e.g. `.float()`)."
+            )
+    complex_params = [n for n, p in pl_module.named_parameters() if p.requires_grad and p.is_complex()]
+    if not complex_params:
+        return
+    listed = ", ".join(map(repr, complex_params[:3])) + (", ..." if len(complex_params) > 3 else "")
+    if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        raise MisconfigurationException(
+            f"Complex parameter(s) {listed}: torch's GradScaler (precision "
+            f"{trainer.precision!r}) cannot unscale complex gradients. Train complex parameters without a "
+            "GradScaler (`precision='32-true'` or `'bf16-mixed'`)."
+        )
+    if clip_algorithm == "value":
+        raise MisconfigurationException(
+            f"Complex parameter(s) {listed}: clipping by value has no meaning for complex "
+            "gradients (torch cannot clamp them). Use `gradient_clip_algorithm='norm'`, which clips complex "
+            "gradients by their modulus."
+        )
+
+
+def check_optimizer(optimizer: object) -> None:
+    """Refuse, at fit start, an optimizer whose step re-evaluates the loss through its closure."""
+    inner = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+    if isinstance(inner, LBFGS):
+        raise MisconfigurationException(
+            f"{type(inner).__name__} re-evaluates the loss and the gradients several times per step through "
+            "its closure, but MMPareto's gradients come from the training step's forward, split and rule, "
+            "which a closure cannot re-run. Use a first-order optimizer (SGD, Adam, AdamW, ...)."
+        )
+
+
+def check_ddp_reducer(trainer: pl.Trainer) -> None:
+    """Refuse DDP's Python reducer (compiled autograd), which averages gradients in post-accumulate-grad
+    hooks: MMPareto holds those hooks on encoder parameters until the rule has run."""
+    if getattr(trainer.strategy.model, "_use_python_reducer", False):
+        raise MisconfigurationException(
+            "DDP runs its Python reducer (compiled autograd, `torch._dynamo.config.optimize_ddp = "
+            "'python_reducer'`), which averages the gradients in post-accumulate-grad hooks; MMPareto runs "
+            "the encoder parameters' hooks after the rule, so the unimodal gradients would not be averaged "
+            "before it. Use DDP's default reducer."
+        )

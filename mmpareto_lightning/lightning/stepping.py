@@ -15,9 +15,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import Metric
+
+from mmpareto_lightning.lightning.closure import StepClosure
 
 __all__ = ["OptimizationBookkeeping", "take_plateau_keys"]
 
@@ -74,6 +78,9 @@ class OptimizationBookkeeping:
         # What was taken over from the Trainer, to give back after Lightning's own checks.
         self._from_trainer: dict[str, Any] = {}
         self._fitting = False
+        # ids of the optimizers whose first step of this fit was checked against a copy of the
+        # parameters (ids, not references: the callback is pickled by ddp_spawn).
+        self._compared: set[int] = set()
 
     # ------------------------------------------------------------------ Trainer settings
     def adopt_trainer_settings(self, trainer: pl.Trainer) -> None:
@@ -115,6 +122,7 @@ class OptimizationBookkeeping:
         count optimizer steps; manual optimization uses it for nothing else.
         """
         self._fitting = True
+        self._compared = set()
         trainer.accumulate_grad_batches = self.accumulate_grad_batches
         if "gradient_clip_val" in self._from_trainer:
             # Manual optimization never clips by itself: the value is only shown back to the user.
@@ -142,8 +150,19 @@ class OptimizationBookkeeping:
                 gradient_clip_algorithm=self.gradient_clip_algorithm,
             )
 
-    def step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, skip: bool) -> None:
-        """Run (or skip) the optimizer step, count it, and step the step-interval schedulers."""
+    def step(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: Any,
+        skip: bool,
+        loss: Tensor | None = None,
+    ) -> None:
+        """Run (or skip) the optimizer step, count it, and step the step-interval schedulers.
+
+        Args:
+            loss: the window's loss, which the closure handed to the optimizer returns.
+        """
         if skip:
             self.skipped_steps += 1
             optimizer.zero_grad(set_to_none=True)
@@ -151,7 +170,16 @@ class OptimizationBookkeeping:
             optimizer._on_before_step()
             optimizer._on_after_step()
         else:
-            optimizer.step()
+            inner = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+            # Under a GradScaler, Lightning calls the closure itself before the optimizer runs.
+            first = (
+                id(inner) not in self._compared and getattr(trainer.precision_plugin, "scaler", None) is None
+            )
+            closure = StepClosure(optimizer, loss, compare_values=first, describe=_describer(pl_module))
+            with closure.watching():
+                optimizer.step(closure=closure)
+            closure.check_called()
+            self._compared.add(id(inner))
         self.optimizer_steps += 1
         self.step_schedulers(
             trainer, pl_module, "step", plateau=False, index=trainer.fit_loop.epoch_loop.batch_idx + 1
@@ -206,3 +234,11 @@ class OptimizationBookkeeping:
                     )
                     continue
             pl_module.lr_scheduler_step(config.scheduler, monitor_val)
+
+
+def _describer(pl_module: pl.LightningModule) -> Any:
+    def describe(parameter: Tensor) -> str:  # called only to word an error
+        name = next((n for n, p in pl_module.named_parameters() if p is parameter), None)
+        return repr(name) if name else f"of shape {tuple(parameter.shape)}"
+
+    return describe
