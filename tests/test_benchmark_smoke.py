@@ -10,8 +10,10 @@ import importlib
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
@@ -26,6 +28,9 @@ TINY_CNN = ["--device", "cpu", "--iters", "2", "--warmup", "1", "--batch-size", 
             "--width", "4"]  # fmt: skip
 TINY_MLP = ["--device", "cpu", "--model", "wide-mlp", "--mlp-width", "16", "--mlp-features", "8", "--iters",
             "2", "--warmup", "1"]  # fmt: skip
+TINY_BERT = ["--device", "cpu", "--model", "bert", "--bert-layers", "1", "--bert-hidden", "16",
+             "--bert-vocab", "50", "--seq-len", "8", "--batch-size", "2", "--iters", "2",
+             "--warmup", "1"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +81,11 @@ def _assert_phase_table(bench: ModuleType, report: str) -> None:
 
 def test_report_has_every_table_and_passing_check(bench: ModuleType, tmp_path: Path) -> None:
     out = tmp_path / "bench.md"
+    # The operator counts have their own test (below): here they would add a Trainer per row.
     report = bench.main(
-        [*TINY_CNN, "--encoders", "2", "3", "--scaling-iters", "1", "--breakdown", "--markdown", str(out)]
-    )
+        [*TINY_CNN, "--encoders", "2", "3", "--scaling-iters", "1", "--breakdown", "--no-op-counts",
+         "--markdown", str(out)]
+    )  # fmt: skip
     assert out.read_text(encoding="utf-8") == report
     assert "correctness pre-check PASSED" in report
 
@@ -120,7 +127,8 @@ def test_wide_mlp_through_the_entry_script(tmp_path: Path) -> None:
     out = tmp_path / "mlp.md"
     result = subprocess.run(
         [sys.executable, str(SCRIPT), *TINY_MLP, "--threads", "1", "--clock", "cpu", "--encoders",
-         "--breakdown", "--lightning-variants", "uniform", "mmpareto", "authors", "--markdown", str(out)],
+         "--breakdown", "--no-op-counts", "--lightning-variants", "uniform", "mmpareto", "authors",
+         "--markdown", str(out)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -232,3 +240,195 @@ def test_gpu_checks_script_stops_clearly_without_cuda(tmp_path: Path) -> None:
     )
     assert out.returncode == 1
     assert "no CUDA device: nothing to check" in out.stderr
+
+
+def _op_totals(report: str) -> dict[str, int]:
+    return {name: int(cells[0]) for name, cells in _rows(report, "| step | ATen ops per step").items()}
+
+
+def test_host_bound_regime_in_rounds_with_operator_counts(bench: ModuleType) -> None:
+    # The host-bound regime's protocol: the Trainers run one after the other in this thread, in
+    # alternated rounds (here 2 rounds of 2 steps), and the operators of one step are counted.
+    report = bench.main(
+        ["--device", "cpu", "--model", "resnet18-tiny", "--threads", "1", "--iters", "2", "--warmup", "1",
+         "--lightning-iters", "4", "--lightning-rounds", "2", "--lightning-variants", "uniform", "mmpareto",
+         "authors", "--encoders", "--no-memory"]
+    )  # fmt: skip
+    assert "model: resnet18-tiny x 2 encoders (audio 1x16x16, visual 3x16x16), batch 2" in report
+    assert "correctness pre-check PASSED" in report
+    assert "no step-time target for this regime" in report
+    assert "## Through Lightning (2 rounds of 2 steps per row: one Trainer.fit per row and round" in report
+    lightning = _rows(report, "| method (through Lightning Trainer)")
+    assert set(lightning) == {"lightning uniform", "lightning mmpareto", "lightning authors"}
+    for cells in lightning.values():
+        _assert_ratio_cells(cells[2:4])
+
+    ops = _op_totals(report)
+    assert set(ops) == {
+        "uniform (plain PyTorch)", "mmpareto (plain PyTorch)", "authors (plain PyTorch)",
+        "lightning uniform", "lightning mmpareto", "lightning authors",
+    }  # fmt: skip
+    # Both MMPareto procedures run more than the one backward of the uniform step; through the Trainer
+    # a step dispatches at least what the plain step of the same method does (the automatic loop only
+    # adds its bookkeeping).
+    assert ops["mmpareto (plain PyTorch)"] > ops["uniform (plain PyTorch)"]
+    assert ops["authors (plain PyTorch)"] > ops["uniform (plain PyTorch)"]
+    assert ops["lightning mmpareto"] > ops["lightning uniform"] >= ops["uniform (plain PyTorch)"]
+    difference = _rows(report, "| operator |")
+    # A second backward through the encoders: the convolutions' backward runs twice as often.
+    assert difference
+    conv = difference.get("`aten::convolution_backward`")
+    assert conv is not None and int(conv[1]) == 2 * int(conv[0]) > 0
+
+
+def test_operator_counts_are_exact_and_deterministic(bench: ModuleType) -> None:
+    opcount = bench.opcount
+    counts = opcount.count_ops(lambda: torch.ones(3).add_(1).sum())
+    assert counts == Counter({"aten::ones": 1, "aten::add_": 1, "aten::sum": 1})
+
+    spec = bench.models.ModelSpec("resnet18-tiny")
+    base, batch = bench.models.build_network_and_batch(spec, 2, 2, torch.device("cpu"), 0)
+    first = opcount.count_plain_ops(base, batch)
+    assert opcount.count_plain_ops(base, batch) == first
+    through = opcount.count_lightning_ops(base, batch, torch.device("cpu"), ["uniform", "mmpareto"])
+    again = opcount.count_lightning_ops(base, batch, torch.device("cpu"), ["uniform", "mmpareto"])
+    assert through == again and set(through) == {"lightning uniform", "lightning mmpareto"}
+    # The uniform step: one forward and one backward per convolution (20 per encoder), whatever the
+    # harness.
+    for counted in (first["uniform"], through["lightning uniform"]):
+        assert counted["aten::convolution"] == 40 and counted["aten::convolution_backward"] == 40
+    # The counting mode is gone from the stack after the fit.
+    assert opcount.count_ops(lambda: None) == Counter()
+
+
+def test_bert_regime_with_tiny_encoders(bench: ModuleType) -> None:
+    pytest.importorskip("transformers")
+    report = bench.main(
+        [*TINY_BERT, "--threads", "1", "--lightning-variants", "uniform", "mmpareto", "authors",
+         "--no-op-counts", "--no-memory", "--breakdown"]
+    )  # fmt: skip
+    assert "model: bert x 2 encoders (text1, text2: BERT 1 layers, hidden 16, vocabulary 50" in report
+    # BERT's dropout is on (BertConfig's 0.1): the check reseeds before every forward.
+    assert "correctness pre-check PASSED" in report
+    assert "target: mmpareto <= 1.8x uniform" in report
+    assert set(_rows(report, "| method | median ms")) == {"uniform", "mmpareto", "authors"}
+    lightning = _rows(report, "| method (through Lightning Trainer)")
+    assert set(lightning) == {"lightning uniform", "lightning mmpareto", "lightning authors"}
+    _assert_phase_table(bench, report)
+
+
+def test_bert_default_is_bert_base(bench: ModuleType) -> None:
+    transformers = pytest.importorskip("transformers")
+    assert bench.models.bert_config().to_dict() == transformers.BertConfig().to_dict()
+    tiny = bench.models.bert_config(layers=1, hidden=128, vocab=50, seq_len=600)
+    assert (tiny.num_hidden_layers, tiny.num_attention_heads, tiny.intermediate_size) == (1, 2, 512)
+    assert tiny.max_position_embeddings == 600
+    spec = bench.models.ModelSpec("bert", bert_layers=1, bert_hidden=16, bert_vocab=50, seq_len=8)
+    batch = bench.models.make_batch(spec, spec.names(2), 3, torch.device("cpu"), 0)
+    assert batch["text1"].shape == (3, 2, 8) and batch["text1"].dtype == torch.int64
+    assert bool((batch["text1"][:, 1] == 1).all()) and int(batch["text1"][:, 0].max()) < 50
+    assert bench.models.default_batch_size("bert") == 8
+
+
+def test_host_bound_encoder_is_resnet18_narrowed(bench: ModuleType) -> None:
+    from torchvision.models import resnet18
+
+    narrow = bench.models.NarrowResNet18(3)
+    reference = resnet18(num_classes=32)
+    ours = dict(narrow.named_parameters())
+    theirs = dict(reference.named_parameters())
+    assert list(ours) == list(theirs) and len(ours) == 62  # the same tensors, in the same order
+    for name, p in ours.items():
+        q = theirs[name]
+        assert p.dim() == q.dim()
+        # Every width divided by 16: output channels always, input channels except the stem's image.
+        assert p.shape[0] == (32 if name.startswith("fc") else q.shape[0] // 16)
+        if p.dim() == 4 and name != "conv1.weight":
+            assert p.shape[1] == q.shape[1] // 16
+    assert narrow(torch.randn(2, 3, 16, 16)).shape == (2, 32)
+    assert bench.models.default_batch_size("resnet18-tiny") == 2
+
+
+def test_rounds_schedule_and_round_ratios(bench: ModuleType) -> None:
+    timing = bench.timing
+    # Two rounds of three steps: the ratio of each round compares the rounds' medians.
+    base = timing.Timing("uniform", [10.0, 11.0, 50.0, 20.0, 21.0, 90.0], round_size=3)
+    ours = timing.Timing("mmpareto", [15.0, 99.0, 16.5, 30.0, 31.5, 33.0], round_size=3)
+    median, q1, q3 = timing.paired_ratios(ours, base)
+    assert (median, q1, q3) == (pytest.approx(1.5), pytest.approx(1.5), pytest.approx(1.5))
+    with pytest.raises(ValueError, match="same rounds"):
+        timing.paired_ratios(ours, timing.Timing("uniform", base.times_ms))
+
+    lp = bench.lightning_path
+    spec = bench.models.ModelSpec("small-cnn", image_size=8, width=4)
+    base_net, batch = bench.models.build_network_and_batch(spec, 2, 4, torch.device("cpu"), 0)
+    timings = lp.time_lightning(
+        base_net, batch, torch.device("cpu"), iters=3, warmup=1, variants=["uniform", "mmpareto"],
+        schedule="rounds", rounds=2,
+    )  # fmt: skip
+    assert list(timings) == ["lightning uniform", "lightning mmpareto"]
+    for t in timings.values():
+        assert t.round_size == 2 and len(t.times_ms) == 4 and all(v > 0 for v in t.times_ms)
+    # Several CPU threads: one Trainer at a time in one thread (the OpenMP teams of per-Trainer threads
+    # would compete); one thread, or CUDA: step by step.
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert lp.default_schedule(torch.device("cpu")) == "rounds"
+        assert lp.default_schedule(torch.device("cuda")) == "steps"
+        torch.set_num_threads(1)
+        assert lp.default_schedule(torch.device("cpu")) == "steps"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_kernel_counts_from_a_trace(bench: ModuleType) -> None:
+    kernels = bench.kernels
+    events = [
+        {"ph": "X", "cat": "kernel", "name": "void multi_tensor_apply_kernel<A>"},
+        {"ph": "X", "cat": "kernel", "name": "void multi_tensor_apply_kernel<A>"},
+        {"ph": "X", "cat": "kernel", "name": "ampere_sgemm"},
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoH (Device -> Pinned)"},
+        {"ph": "X", "cat": "gpu_memset", "name": "Memset (Device)"},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize"},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaDeviceSynchronize"},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel"},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::add_"},
+        {"ph": "s", "cat": "ac2g", "name": "flow"},
+    ]
+    count = kernels.summarize_trace(events, own_syncs=1)
+    assert (count.kernels, count.memcpys, count.memsets, count.syncs) == (3, 1, 1, 1)
+    assert count.top[0] == ("void multi_tensor_apply_kernel<A>", 2)
+    table = kernels.format_kernel_table({"uniform step": count, "mmpareto step": count})
+    assert "| uniform step | 3 | 1 | 1 | 1 |" in table and "mmpareto step - uniform step: 0 kernels" in table
+    # The profiler's own path (trace export and parsing) on a CPU: no device work to count.
+    on_cpu = kernels.count_kernels(lambda: torch.ones(4).sum(), torch.device("cpu"))
+    assert (on_cpu.kernels, on_cpu.memcpys, on_cpu.syncs) == (0, 0, 0)
+
+
+def test_gpu_checks_commands_are_valid(bench: ModuleType) -> None:
+    # The GPU script runs where no test can: every benchmark command in it must at least parse, and the
+    # pytest command must name test files with a ``gpu`` mark.
+    plan = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_checks.sh"), "OUT"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GPU_CHECKS_PLAN": "1"},
+        check=True,
+    )
+    commands = [shlex.split(line) for line in plan.stdout.splitlines() if line.strip()]
+    benches = [c for c in commands if "benchmarks/step_time.py" in c]
+    assert len(benches) == 3
+    models = []
+    for command in benches:
+        args = bench.cli.parse_args(command[command.index("benchmarks/step_time.py") + 1 :])
+        assert args.device == "cuda" and args.markdown.startswith("OUT/")
+        assert {"uniform", "mmpareto", "authors"} <= set(args.lightning_variants)
+        assert args.encoders == [] and args.memory_batch_sizes is None and not args.no_memory
+        models.append(args.model)
+    assert models == ["resnet18", "bert", "wide-mlp"]
+    tests = next(c for c in commands if "pytest" in c)
+    files = [c for c in tests if c.startswith("tests/")]
+    assert "tests/test_gpu.py" in files
+    root = BENCHMARKS.parent
+    assert all("mark.gpu" in (root / f).read_text(encoding="utf-8") for f in files)

@@ -13,11 +13,14 @@ interleaved round by round so that a noisy shared machine slows them all alike:
 
 Modules, one concept each:
 
-* :mod:`.models`: the networks (small CNN, wide MLP, ResNet-18 encoders) and the fixed batch.
+* :mod:`.models`: the networks (small CNN, wide MLP, ResNet-18 and its narrow version, BERT) and the
+  fixed batch.
 * :mod:`.methods`: the three timed steps.
 * :mod:`.check`: the correctness pre-check that runs before anything is timed.
 * :mod:`.timing`: interleaved timing, per-round ratios, the per-phase breakdown.
-* :mod:`.lightning_path`: the same steps through a ``Trainer`` (and the callback's parts), interleaved.
+* :mod:`.lightning_path`: the same steps through a ``Trainer`` (and the callback's parts), side by side.
+* :mod:`.opcount`: ATen operators dispatched per step (deterministic host work), plain and via a Trainer.
+* :mod:`.kernels`: CUDA kernels launched per call (``torch.profiler``).
 * :mod:`.memory`: peak memory of a step (CUDA allocator, or PyTorch's ``MemTracker`` on CPU).
 * :mod:`.report`: Markdown tables.
 * :mod:`.runs`: the main and the scaling measurements (pre-check, timing, memory).

@@ -1,11 +1,18 @@
 """The training step through a real ``Trainer``: Lightning uniform vs our callback path, and its parts.
 
-Every variant runs its own ``Trainer.fit`` in its own thread, and a baton lets exactly one of them run
-at a time: each thread stops at every ``on_train_batch_start`` and waits for its turn, so the variants
-are interleaved step by step, round by round, like the plain steps, and a step of every variant is
-timed within milliseconds of the others (per-round ratios). A step is the interval between consecutive
-``on_train_batch_start`` calls of one Trainer: everything its loop does per batch (the training step,
-backward, optimizer step, logging, progress tracking, fetching the next batch).
+A step is the interval between consecutive ``on_train_batch_start`` calls of one Trainer: everything
+its loop does per batch (the training step, backward, optimizer step, logging, progress tracking,
+fetching the next batch). Two schedules put the variants side by side:
+
+* ``steps``: every variant runs its own ``Trainer.fit`` in its own thread, and a baton lets exactly one
+  of them run at a time: each thread stops at every ``on_train_batch_start`` and waits for its turn, so
+  the variants are interleaved step by step like the plain steps, and a step of every variant is timed
+  within milliseconds of the others (per-round ratios). Right for CUDA and for one CPU thread.
+* ``rounds``: everything runs in the calling thread; each round runs one ``Trainer.fit`` per variant
+  (a fresh copy of the network, warm-up steps, then the timed steps), the order rotating round by
+  round, and the ratios compare the rounds' medians. With several CPU threads this is the fair one: each
+  Python thread that calls into ATen has its own OpenMP team, and in the ``steps`` schedule the teams
+  of the waiting Trainers still spin on the cores the running one needs.
 
 Variants (rows of the "Through Lightning" table):
 
@@ -25,6 +32,7 @@ Variants (rows of the "Through Lightning" table):
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import threading
 import warnings
@@ -179,6 +187,27 @@ def _lightning_modules(net: MultiEncoderNet, variant: LightningVariant) -> tuple
     raise ValueError(f"Unknown Lightning module kind {variant.module!r}.")
 
 
+class _StepClock:
+    """A Lightning callback that stamps every ``on_train_batch_start`` (the device synchronised first)."""
+
+    def __init__(self, device: torch.device) -> None:
+        import lightning.pytorch as pl
+
+        self.device = device
+        self.stamps: list[float] = []
+        clock = self
+
+        class Callback(pl.Callback):
+            def on_train_batch_start(self, *args: Any) -> None:
+                sync(clock.device)
+                clock.stamps.append(now())
+
+        self.callback = Callback()
+
+    def steps_ms(self) -> list[float]:
+        return [(b - a) * 1e3 for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+
+
 class _Aborted(RuntimeError):
     """Raised inside a Trainer to end its fit when another variant failed."""
 
@@ -270,6 +299,14 @@ def make_trainer(
     return trainer, DataLoader(Repeat(), batch_size=None, shuffle=False, num_workers=0)
 
 
+SCHEDULES = ("steps", "rounds")
+
+
+def default_schedule(device: torch.device) -> str:
+    """``rounds`` on a CPU with several threads (the Trainers' OpenMP teams would compete), else ``steps``."""
+    return "rounds" if device.type == "cpu" and torch.get_num_threads() > 1 else "steps"
+
+
 def time_lightning(
     base: MultiEncoderNet,
     batch: Mapping[str, Tensor],
@@ -277,13 +314,29 @@ def time_lightning(
     iters: int,
     warmup: int = 2,
     variants: Sequence[str] = DEFAULT_LIGHTNING_VARIANTS,
+    schedule: str = "steps",
+    rounds: int = 3,
 ) -> dict[str, Timing]:
-    """Per-step time of each variant through a real ``Trainer``, interleaved step by step.
+    """Per-step time of each variant through a real ``Trainer``, side by side (see the module docstring).
+
+    Args:
+        base: the initial network; every Trainer trains its own copy.
+        batch: the fixed batch every step sees.
+        device: where the Trainers run.
+        iters: timed steps per variant (``rounds``: split evenly over the rounds, rounded up).
+        warmup: untimed steps first (``rounds``: at the start of every round's fit); they also cover
+            the first step's one-time graph checks and allocations.
+        variants: keys of :data:`LIGHTNING_VARIANTS`.
+        schedule: ``"steps"`` or ``"rounds"``.
+        rounds: rounds of the ``rounds`` schedule.
 
     Returns:
-        row label -> the ``iters`` timed steps (after ``warmup`` untimed rounds, which also cover the
-        first step's one-time graph checks and allocations).
+        row label -> its timed steps.
     """
+    if schedule == "rounds":
+        return _time_in_rounds(base, batch, device, iters, warmup, variants, rounds)
+    if schedule != "steps":
+        raise ValueError(f"Unknown schedule {schedule!r}; choose one of {SCHEDULES}.")
     # One more step than is timed: the last on_train_batch_start closes the last timed step.
     steps = warmup + iters + 1
     batons: dict[str, _Baton] = {}
@@ -320,6 +373,48 @@ def time_lightning(
             for thread in threads:
                 thread.join()
     return {label: Timing(label, b.times_ms[warmup : warmup + iters]) for label, b in batons.items()}
+
+
+def _time_in_rounds(
+    base: MultiEncoderNet,
+    batch: Mapping[str, Tensor],
+    device: torch.device,
+    iters: int,
+    warmup: int,
+    variants: Sequence[str],
+    rounds: int,
+) -> dict[str, Timing]:
+    """The ``rounds`` schedule: one fit per variant and round, all in the calling thread."""
+    rounds = max(1, min(rounds, iters))
+    per_round = -(-iters // rounds)
+    labels = [LIGHTNING_VARIANTS[key].label for key in variants]
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for r in range(rounds):
+            shift = r % len(variants)
+            for key in [*variants[shift:], *variants[:shift]]:
+                variant = LIGHTNING_VARIANTS[key]
+                module, callbacks = _lightning_modules(copy.deepcopy(base), variant)
+                clock = _StepClock(device)
+                # One more step than is timed: the last on_train_batch_start closes the last timed step.
+                trainer, loader = make_trainer(
+                    device, batch, warmup + per_round + 1, [*callbacks, clock.callback]
+                )
+                try:
+                    trainer.fit(module, train_dataloaders=loader)
+                except Exception as err:
+                    raise RuntimeError(f"Trainer of {variant.label!r} failed") from err
+                steps = clock.steps_ms()[warmup:]
+                if len(steps) != per_round:
+                    raise RuntimeError(
+                        f"The Trainer of {variant.label!r} ran {len(steps)} timed steps, not {per_round}."
+                    )
+                times[variant.label].extend(steps)
+                del trainer, module, callbacks
+                gc.collect()
+    return {label: Timing(label, t, round_size=per_round) for label, t in times.items()}
 
 
 def plain_method_of(label: str) -> str | None:

@@ -100,19 +100,24 @@ def format_main_table(result: MainResult) -> str:
     return "\n".join(lines)
 
 
-def format_target(result: MainResult, target: float) -> str:
+def format_target(result: MainResult, target: float | None) -> str:
     """The step-time target next to both ratio estimates, and how often the authors' rule saw a conflict."""
     uniform, ours = result.timings["uniform"], result.timings["mmpareto"]
     of_medians = ours.median / uniform.median
     per_round = paired_ratios(ours, uniform)[0]
+    conflicts = f"authors' decisions with cos <= 0 during timing: {result.authors_conflict_rate:.0%}"
+    if target is None:
+        return (
+            f"no step-time target for this regime (--target sets one): mmpareto / uniform, ratio of medians "
+            f"{of_medians:.2f}x, median per-round ratio {per_round:.2f}x; {conflicts}"
+        )
 
     def verdict(ratio: float) -> str:
         return "met" if ratio <= target else "NOT met"
 
     return (
         f"target: mmpareto <= {target}x uniform: ratio of medians {of_medians:.2f}x ({verdict(of_medians)}), "
-        f"median per-round ratio {per_round:.2f}x ({verdict(per_round)}); authors' decisions with "
-        f"cos <= 0 during timing: {result.authors_conflict_rate:.0%}"
+        f"median per-round ratio {per_round:.2f}x ({verdict(per_round)}); {conflicts}"
     )
 
 
@@ -135,14 +140,21 @@ def format_memory_table(result: MainResult) -> str:
     return "\n".join(lines)
 
 
-def format_memory_note(result: MainResult) -> str:
-    """The bound ``uniform + 2 x encoder gradient bytes`` next to the measured peaks."""
+def format_memory_note(result: MainResult, target: float | None = None) -> str:
+    """The bound ``uniform + 2 x encoder gradient bytes``, and the peaks' ratios to uniform (``target``)."""
     g = result.encoder_grad_bytes
     lines = [f"encoder gradient bytes (one copy, all encoders): {g / MiB:.1f} MiB"]
     uniform = result.peaks.get("uniform")
     if uniform is None:
         lines.append(f"peak memory: {result.memory_method}")
         return "\n".join(lines)
+    ratios = {n: p / uniform for n in ("mmpareto", "authors") if (p := result.peaks.get(n)) is not None}
+    if ratios:
+        line = "peak / uniform peak: " + ", ".join(f"{n} {r:.3f}x" for n, r in ratios.items())
+        if target is not None and "mmpareto" in ratios:
+            verdict = "met" if ratios["mmpareto"] <= target else "NOT met"
+            line += f" (target: mmpareto <= {target}x uniform, {verdict})"
+        lines.append(line)
     bound = uniform + 2 * g
     lines.append(
         f"bound uniform + 2 x encoder gradients = {bound / MiB:.1f} MiB (peaks by {result.memory_method})"

@@ -18,10 +18,24 @@ from .models import MultiEncoderNet
 
 @dataclass
 class Timing:
-    """Per-step wall-clock times of one method, in milliseconds."""
+    """Per-step wall-clock times of one method, in milliseconds.
+
+    Attributes:
+        name: the method or row.
+        times_ms: the timed steps, in the order they ran.
+        round_size: ``None`` when the methods were interleaved step by step (the i-th steps of two
+            methods ran milliseconds apart); otherwise the steps ran in consecutive blocks of this many,
+            one block per round and method (the through-Lightning ``rounds`` schedule).
+    """
 
     name: str
     times_ms: list[float]
+    round_size: int | None = None
+
+    def rounds(self) -> list[list[float]]:
+        """The steps of each round (each step its own round when interleaved step by step)."""
+        k = self.round_size or 1
+        return [self.times_ms[i : i + k] for i in range(0, len(self.times_ms), k)]
 
     @property
     def median(self) -> float:
@@ -40,9 +54,13 @@ def paired_ratios(timing: Timing, base: Timing) -> tuple[float, float, float]:
 
     The interleaved timers run one step of every method per round, so the i-th times of two methods were
     taken within milliseconds of each other: their ratio cancels the machine's slow drifts (other jobs on
-    shared cores), which the ratio of the two medians does not.
+    shared cores), which the ratio of the two medians does not. Timings taken in rounds of several
+    steps (``round_size``) compare the medians of each round.
     """
-    ratios = [t / b for t, b in zip(timing.times_ms, base.times_ms, strict=True)]
+    if timing.round_size != base.round_size:
+        raise ValueError(f"{timing.name!r} and {base.name!r} were not timed in the same rounds.")
+    mine, theirs = timing.rounds(), base.rounds()
+    ratios = [statistics.median(t) / statistics.median(b) for t, b in zip(mine, theirs, strict=True)]
     if len(ratios) < 2:
         return ratios[0], ratios[0], ratios[0]
     q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
