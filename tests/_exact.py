@@ -39,14 +39,41 @@ def real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+#: id(parameter) -> for a sparse gradient (an embedding with ``sparse=True`` in a head), per loss: the
+#: bound of summing its repeated rows in float32 in another order, ``(m - 1) sum |contributions|`` per
+#: entry, and ``m``, the row's repetitions: SGD adds an uncoalesced sparse gradient into the parameter
+#: one repetition at a time, each addition rounding at the parameter's magnitude.
+SPARSE_REASSOCIATION: dict[int, list[np.ndarray]] = {}
+SPARSE_REPEATS: dict[int, list[np.ndarray]] = {}
+
+
+def _densify(param: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    if g.layout == torch.strided:
+        return g.detach().clone()
+    g = g.detach()
+    indices, values = g._indices(), g._values()
+    magnitude = torch.sparse_coo_tensor(indices, values.abs(), g.shape).to_dense()
+    repeats = torch.sparse_coo_tensor(indices, torch.ones_like(values), g.shape).to_dense()
+    bound = ((repeats - 1).clamp_min(0) * magnitude).double().numpy()
+    SPARSE_REASSOCIATION.setdefault(id(param), []).append(bound)
+    SPARSE_REPEATS.setdefault(id(param), []).append(repeats.double().numpy())
+    return g.to_dense()
+
+
 def per_loss_gradients(model: nn.Module, loss_fn: LossFn) -> dict[str, list[torch.Tensor | None]]:
-    """Loss name -> gradient of that loss w.r.t. every trainable parameter (None where it does not reach)."""
+    """Loss name -> gradient of that loss w.r.t. every trainable parameter (None where it does not reach);
+    sparse gradients densified."""
     losses = loss_fn(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        SPARSE_REASSOCIATION.pop(id(p), None)
+        SPARSE_REPEATS.pop(id(p), None)
     return {
         name: [
-            None if g is None else g.detach().to_dense() if g.layout != torch.strided else g.detach().clone()
-            for g in torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            None if g is None else _densify(p, g)
+            for p, g in zip(
+                params, torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True), strict=True
+            )
         ]
         for name, loss in losses.items()
     }
@@ -58,6 +85,9 @@ class ExpectedUpdate(dict):
     def __init__(self) -> None:
         super().__init__()
         self.bounds: dict[str, np.ndarray] = {}
+        #: how many float32 additions into the parameter the update takes (1, or a sparse gradient's
+        #: repetitions of each row)
+        self.additions: dict[str, np.ndarray] = {}
 
     def scaled(self, factors: Mapping[str, float]) -> ExpectedUpdate:
         """The update of an SGD step with per-parameter learning rates (the bounds are linear in it)."""
@@ -65,6 +95,7 @@ class ExpectedUpdate(dict):
         for name, value in self.items():
             f = factors.get(name, 0.0)
             out[name], out.bounds[name] = value * f, self.bounds[name] * abs(f)
+        out.additions = dict(self.additions)
         return out
 
     def clipped(
@@ -91,6 +122,7 @@ class ExpectedUpdate(dict):
             out[name] = value * coef
             out.bounds[name] = self.bounds[name] * coef + d_coef * (np.abs(value) + self.bounds[name])
             out.bounds[name] = out.bounds[name] + u * np.abs(out[name])  # the multiplication by coef
+        out.additions = dict(self.additions)
         return out, coef
 
 
@@ -161,6 +193,9 @@ def expected_deltas(
                 total = sum(gs)
                 expected[n] = -lr * total
                 accumulation = (len(gs) - 1) * u * sum(np.abs(g) for g in gs)
+                accumulation = accumulation + u * sum(SPARSE_REASSOCIATION.get(id(p), [np.zeros(1)]))
+                if id(p) in SPARSE_REPEATS:
+                    expected.additions[n] = np.maximum(sum(SPARSE_REPEATS[id(p)]), 1.0)
                 expected.bounds[n] = lr * accumulation * (1 + 2 * u) + u * lr * np.abs(total)
     return expected
 
@@ -175,8 +210,11 @@ def assert_moved_by(after: nn.Module, before: nn.Module, expected: Mapping[str, 
         new = real(p_new.detach()).double().cpu().numpy()
         delta = new - real(old[name].detach()).double().cpu().numpy()
         want = expected[name]
+        additions = getattr(expected, "additions", {}).get(name, 1.0)
         bound = (
-            bounds.get(name, np.zeros_like(want)) + u * np.abs(new) * (1 + 2 * u) + np.finfo(np.float64).tiny
+            bounds.get(name, np.zeros_like(want))
+            + additions * u * (np.abs(new) + np.abs(want)) * (1 + 2 * u)
+            + np.finfo(np.float64).tiny
         )
         excess = np.abs(delta - want) - bound
         assert np.all(excess <= 0), (
