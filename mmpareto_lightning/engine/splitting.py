@@ -33,8 +33,8 @@ Nothing here knows Lightning: ``backward_fn`` and ``scale_fn`` let the caller pl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +42,12 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from mmpareto_lightning.engine.capture import OutputCapture
+from mmpareto_lightning.engine.compiled import (
+    RetainedGraphCompile,
+    has_compiled_modules,
+    is_compiled_region,
+    refuse_donated,
+)
 from mmpareto_lightning.engine.safeguards import GradientSplittingError, buffers_kept, check_graph
 
 __all__ = ["RESERVED_LOSS_KEYS", "AgreeFn", "EncoderObjectives", "GradientSplitter", "GradientSplittingError"]
@@ -162,11 +168,25 @@ class GradientSplitter:
         self.zero_absent = False
         self.loss_finite: Tensor | None = None
         self.loss_names: list[str] = []
+        # torch.compile'd regions in the model (encoders here; the caller may add heads, and the graph
+        # walk adds any it meets): the forward and the graph-keeping backward calls then run under
+        # RetainedGraphCompile, so that their backward can run twice.
+        self.compiled = any(has_compiled_modules(m) for m in self.encoders.values())
 
     # ------------------------------------------------------------------ capture
     def capture(self) -> AbstractContextManager[None]:
-        """Record the encoders' outputs during the forward pass run inside this block."""
-        return self._capture.capture()
+        """Record the encoders' outputs during the forward pass run inside this block.
+
+        With compiled regions in the model (:attr:`compiled`), the block also holds the compile settings
+        of :class:`~mmpareto_lightning.engine.compiled.RetainedGraphCompile`, since compiling happens at
+        the first forward.
+        """
+        return self._capture_block()
+
+    @contextmanager
+    def _capture_block(self) -> Iterator[None]:
+        with RetainedGraphCompile(self.compiled), self._capture.capture():
+            yield
 
     @property
     def encoder_of(self) -> Mapping[int, str]:
@@ -256,23 +276,29 @@ class GradientSplitter:
         # Head-level cotangents: cot[loss][i] is d(scaled loss)/d(output i), None if it does not depend.
         scaled = {n: scale_fn(loss) for n, loss in losses.items()}
         cot: dict[str, list[Tensor | None]] = {}
-        for n in names:
-            if outputs:
-                cot[n] = list(torch.autograd.grad(scaled[n], outputs, retain_graph=True, allow_unused=True))
-            else:
-                cot[n] = []
+        with RetainedGraphCompile(self.compiled):
+            for n in names:
+                if outputs:
+                    cot[n] = list(
+                        torch.autograd.grad(scaled[n], outputs, retain_graph=True, allow_unused=True)
+                    )
+                else:
+                    cot[n] = []
 
         new_window = not (accumulate and self._window_open)
         if new_window:
             self.layouts = {}
         step_layouts = self._assign_objectives(present, names, cot, owner, new_window)
-        check_graph(losses, self._capture.outputs, step_layouts, self._owner, self._describe)
+        check_graph(losses, self._capture.outputs, step_layouts, self._owner, self._describe, self._inspect)
         agreed = None
         if agree is not None:
             mine = {enc: list(self.layouts[enc].objectives) for enc in self.encoders if enc in self.layouts}
             agreed = agree(mine, self.absent_encoders())
         if encoder_loss is None:
-            with buffers_kept({enc: self.encoders[enc] for enc in step_layouts}, self._snapshots):
+            with (
+                buffers_kept({enc: self.encoders[enc] for enc in step_layouts}, self._snapshots),
+                RetainedGraphCompile(self.compiled),
+            ):
                 self._extra_vjps(step_layouts, cot, owner, outputs)
 
         finite = torch.stack([torch.isfinite(losses[n].detach()).all() for n in names])
@@ -499,6 +525,11 @@ class GradientSplitter:
                 layout.objectives = objectives
             layouts[enc] = layout
         self.layouts = layouts
+
+    def _inspect(self, node: object, where: str) -> None:
+        if is_compiled_region(node):
+            refuse_donated(node, where)
+            self.compiled = True
 
     def _describe(self, parameter: Tensor) -> str:
         name = self._param_names.get(id(parameter))

@@ -17,6 +17,7 @@ from torchmetrics import Metric
 
 from mmpareto_lightning.distributed import HostExchange, all_ranks, mean_across_ranks
 from mmpareto_lightning.engine import GradientSplittingError, MMParetoEngine
+from mmpareto_lightning.engine.compiled import has_compiled_modules
 from mmpareto_lightning.lightning.fit_checks import check_trainer, validated_encoders
 from mmpareto_lightning.lightning.metrics import MMParetoMetrics
 from mmpareto_lightning.lightning.module import MMParetoModule, attach_driver, detach_driver, ensure_wrapped
@@ -212,6 +213,8 @@ class MMParetoCallback(Callback):
         except GradientSplittingError as err:
             raise MisconfigurationException(str(err)) from err
         self._engine.splitter.zero_absent = trainer.world_size > 1
+        # Compiled heads are differentiated twice too (the head-level cotangents, then the backward).
+        self._engine.splitter.compiled |= has_compiled_modules(pl_module)
         self._metrics = MMParetoMetrics(list(encoders)).to(pl_module.device)
         # torchmetrics objects logged with `self.log` must be attributes of the LightningModule.
         pl_module.mmpareto_metrics = self._metrics
