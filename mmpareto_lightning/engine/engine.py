@@ -28,7 +28,7 @@ from contextlib import AbstractContextManager
 import torch
 from torch import Tensor, nn
 
-from mmpareto_lightning.engine.splitting import GradientSplitter
+from mmpareto_lightning.engine.splitting import AgreeFn, GradientSplitter
 from mmpareto_lightning.rule import RuleConfig, RuleStats, integrate_encoders
 
 __all__ = ["MMParetoEngine"]
@@ -72,11 +72,13 @@ class MMParetoEngine:
         scale_fn: Callable[[Tensor], Tensor] | None = None,
         accumulate: bool = False,
         encoder_loss: str | None = None,
+        agree: AgreeFn | None = None,
     ) -> None:
         """Per-objective encoder gradients plus the ordinary backward of the summed loss.
 
         See :meth:`GradientSplitter.backward` for the arguments. With ``accumulate=True`` the gradients
-        add up over calls until :meth:`integrate` closes the window.
+        add up over calls until :meth:`integrate` closes the window. Data parallel: pass ``agree`` on the
+        window's last call, so that every rank integrates the same encoders and objectives.
         """
         self.splitter.backward(
             losses,
@@ -84,6 +86,7 @@ class MMParetoEngine:
             scale_fn=scale_fn,
             accumulate=accumulate,
             encoder_loss=encoder_loss,
+            agree=agree,
         )
 
     def integrate(self, reduce_fn: ReduceFn | None = None, run_hooks: bool = True) -> dict[str, RuleStats]:

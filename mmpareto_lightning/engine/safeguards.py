@@ -38,6 +38,7 @@ def check_graph(
     present: Iterable[str],
     owner: Mapping[int, str],
     describe: Callable[[Tensor], str],
+    inspect: Callable[[object, str], None] | None = None,
 ) -> None:
     """Refuse, every step, a graph in which the split would be silently wrong.
 
@@ -47,7 +48,8 @@ def check_graph(
     hides the parameters from ``autograd.grad``), no trainable parameter outside the encoder (it
     would get only the unimodal gradient) and no other encoder's output (encoders in a chain).
     Both run every step, since the model can change between steps (a penalty term, checkpointing
-    or unfreezing switched on mid-fit).
+    or unfreezing switched on mid-fit). ``inspect(node, where)``, if given, sees every node of both
+    walks (``where``: ``"the heads of loss 'x'"`` or ``"encoder 'x'"``) and may raise.
     """
     stops = {o.alias.grad_fn for outs in captured.values() for o in outs}
     seen: set[object] = set()
@@ -58,6 +60,8 @@ def check_graph(
             if node is None or node in seen or node in stops:
                 continue
             seen.add(node)
+            if inspect is not None:
+                inspect(node, f"the heads of loss {name!r}")
             variable = getattr(node, "variable", None)
             if variable is not None and id(variable) in owner and variable.requires_grad:
                 raise GradientSplittingError(
@@ -79,6 +83,8 @@ def check_graph(
             if node is None or node in walked:
                 continue
             walked.add(node)
+            if inspect is not None:
+                inspect(node, f"encoder {enc!r}")
             if node in boundary and node not in own:
                 raise GradientSplittingError(
                     f"Encoder {enc!r} is computed from the output of encoder {boundary[node]!r}: "

@@ -22,14 +22,19 @@ freezing and unfreezing during a fit work), a fully frozen encoder is skipped, a
 not called in a step (a missing modality, its unimodal loss absent) gets no gradient, as plain autograd
 would give.
 
+Data-parallel ranks must integrate the same encoders with the same objectives, in the same order, even
+when they saw different data: ``backward(agree=...)`` hands the caller this rank's objectives before the
+ordinary backward, and the caller returns the union over the ranks. An encoder or objective this rank
+lacks then enters with zero gradients, which is what the rank contributes to the average the rule sees.
+
 Nothing here knows Lightning: ``backward_fn`` and ``scale_fn`` let the caller plug in
 ``LightningModule.manual_backward`` and a ``GradScaler``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +42,12 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from mmpareto_lightning.engine.capture import OutputCapture
+from mmpareto_lightning.engine.compiled import (
+    RetainedGraphCompile,
+    has_compiled_modules,
+    is_compiled_region,
+    refuse_donated,
+)
 from mmpareto_lightning.engine.safeguards import (
     GradientSplittingError,
     buffers_kept,
@@ -47,7 +58,7 @@ from mmpareto_lightning.engine.safeguards import (
     run_post_accumulate_grad_hooks,
 )
 
-__all__ = ["RESERVED_LOSS_KEYS", "EncoderObjectives", "GradientSplitter", "GradientSplittingError"]
+__all__ = ["RESERVED_LOSS_KEYS", "AgreeFn", "EncoderObjectives", "GradientSplitter", "GradientSplittingError"]
 
 # "loss" is what Lightning users return for automatic optimization; here it would be one more objective
 # (counting the others twice when it is their sum), so it is refused.
@@ -86,6 +97,9 @@ class EncoderObjectives:
 
 _BackwardFn = Callable[[Tensor], None]
 _ScaleFn = Callable[[Tensor], Tensor]
+# (this rank's objectives per encoder of the window, in encoder order; trainable encoders not called in
+# this step) -> the objectives of every encoder that takes part on some rank, in an order every rank shares.
+AgreeFn = Callable[[dict[str, list[str]], list[str]], Mapping[str, Sequence[str]]]
 
 
 def _default_backward(loss: Tensor) -> None:
@@ -160,17 +174,30 @@ class GradientSplitter:
         self._capture = OutputCapture(self.encoders)
         self.layouts: dict[str, EncoderObjectives] = {}
         self._window_open = False
-        # Data-parallel ranks must integrate the same encoders: there an uncalled encoder takes part
-        # with zero gradients (its last known objectives), and the rule sees the ranks' average.
+        # Data parallel: a parameter no loss reached keeps a zero gradient (the same on every rank) instead
+        # of None, since a rank cannot tell without a collective whether another rank reached it.
         self.zero_absent = False
-        self._known_objectives: dict[str, list[str]] = {}
         self.loss_finite: Tensor | None = None
         self.loss_names: list[str] = []
+        # torch.compile'd regions in the model (encoders here; the caller may add heads, and the graph
+        # walk adds any it meets): the forward and the graph-keeping backward calls then run under
+        # RetainedGraphCompile, so that their backward can run twice.
+        self.compiled = any(has_compiled_modules(m) for m in self.encoders.values())
 
     # ------------------------------------------------------------------ capture
     def capture(self) -> AbstractContextManager[None]:
-        """Record the encoders' outputs during the forward pass run inside this block."""
-        return self._capture.capture()
+        """Record the encoders' outputs during the forward pass run inside this block.
+
+        With compiled regions in the model (:attr:`compiled`), the block also holds the compile settings
+        of :class:`~mmpareto_lightning.engine.compiled.RetainedGraphCompile`, since compiling happens at
+        the first forward.
+        """
+        return self._capture_block()
+
+    @contextmanager
+    def _capture_block(self) -> Iterator[None]:
+        with RetainedGraphCompile(self.compiled), self._capture.capture():
+            yield
 
     @property
     def encoder_of(self) -> Mapping[int, str]:
@@ -215,6 +242,7 @@ class GradientSplitter:
         scale_fn: _ScaleFn | None = None,
         accumulate: bool = False,
         encoder_loss: str | None = None,
+        agree: AgreeFn | None = None,
     ) -> dict[str, EncoderObjectives]:
         """Split the encoder gradients per objective and run the ordinary backward of the summed loss.
 
@@ -228,6 +256,11 @@ class GradientSplitter:
             encoder_loss: skip the split and give the encoders only this loss's gradient in ``.grad``
                 (the heads still get the summed loss's): the one-joint-loss baseline at the cost of a
                 plain step. No layouts are returned then.
+            agree: data parallel, on the step that closes the window: called once, before the ordinary
+                backward, with this rank's objectives per encoder of the window and the trainable
+                encoders not called in this step; it returns the union over the ranks (see
+                :data:`AgreeFn`), which the window's layouts then follow, in encoder order. Raising in it
+                stops the step before any gradient is communicated.
 
         Returns:
             The layout of every encoder that takes part in the window (trainable, and called in at
@@ -241,7 +274,7 @@ class GradientSplitter:
         backward_fn = backward_fn or _default_backward
         scale_fn = scale_fn or _identity
         try:
-            return self._backward(losses, backward_fn, scale_fn, accumulate, encoder_loss)
+            return self._backward(losses, backward_fn, scale_fn, accumulate, encoder_loss, agree)
         finally:
             # The captured aliases hold the step's graph: nothing is kept past the backward.
             self._capture.clear()
@@ -253,6 +286,7 @@ class GradientSplitter:
         scale_fn: _ScaleFn,
         accumulate: bool,
         encoder_loss: str | None,
+        agree: AgreeFn | None,
     ) -> dict[str, EncoderObjectives]:
         losses = self.validate_losses(losses)
         modified = self._capture.modified_in_place()
@@ -270,22 +304,30 @@ class GradientSplitter:
         # Head-level cotangents: cot[loss][i] is d(scaled loss)/d(output i), None if it does not depend.
         scaled = {n: scale_fn(loss) for n, loss in losses.items()}
         cot: dict[str, list[Tensor | None]] = {}
-        for n in names:
-            if outputs:
-                cot[n] = list(torch.autograd.grad(scaled[n], outputs, retain_graph=True, allow_unused=True))
-            else:
-                cot[n] = []
+        with RetainedGraphCompile(self.compiled):
+            for n in names:
+                if outputs:
+                    cot[n] = list(
+                        torch.autograd.grad(scaled[n], outputs, retain_graph=True, allow_unused=True)
+                    )
+                else:
+                    cot[n] = []
 
         new_window = not (accumulate and self._window_open)
         if new_window:
             self.layouts = {}
         step_layouts = self._assign_objectives(present, losses, cot, owner, new_window)
-        check_graph(losses, self._capture.outputs, step_layouts, self._owner, self._describe)
+        check_graph(losses, self._capture.outputs, step_layouts, self._owner, self._describe, self._inspect)
+        agreed = None
+        if agree is not None:
+            mine = {enc: list(self.layouts[enc].objectives) for enc in self.encoders if enc in self.layouts}
+            agreed = agree(mine, self.absent_encoders())
         if encoder_loss is None:
-            with buffers_kept({enc: self.encoders[enc] for enc in step_layouts}, self._snapshots):
+            with (
+                buffers_kept({enc: self.encoders[enc] for enc in step_layouts}, self._snapshots),
+                RetainedGraphCompile(self.compiled),
+            ):
                 self._extra_vjps(step_layouts, cot, owner, outputs)
-            if self.zero_absent:
-                self._add_absent(step_layouts, new_window)
 
         finite = torch.stack([torch.isfinite(losses[n].detach()).all() for n in names])
         if new_window or self.loss_finite is None or names != self.loss_names:
@@ -325,6 +367,8 @@ class GradientSplitter:
                     layout.reached[i] = True
             # Read after the backward: DDP may have replaced the .grad tensors with bucket views.
             layout.grads[1] = [p.grad for p in layout.params]  # type: ignore[misc]
+        if agreed is not None:
+            self._conform(agreed)
         self._window_open = True
         return self.layouts
 
@@ -332,6 +376,14 @@ class GradientSplitter:
         """Mark the end of an accumulation window: the next :meth:`backward` starts from zero."""
         self._window_open = False
         self.layouts = {}
+
+    def absent_encoders(self) -> list[str]:
+        """Trainable encoders whose output was not captured in the current step (a missing modality)."""
+        return [
+            name
+            for name, module in self.encoders.items()
+            if not self._capture.outputs[name] and any(p.requires_grad for p in module.parameters())
+        ]
 
     # ------------------------------------------------------------------ internals
     def validate_losses(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -437,7 +489,6 @@ class GradientSplitter:
                 )
             step[enc] = earlier if earlier is not None else layout
             self.layouts.setdefault(enc, step[enc])
-            self._known_objectives[enc] = layout.objectives
         return step
 
     def _extra_vjps(
@@ -484,21 +535,40 @@ class GradientSplitter:
                 else:
                     layout.grads[k] = new
 
-    def _add_absent(self, step: dict[str, EncoderObjectives], new_window: bool) -> None:
+    def _conform(self, agreed: Mapping[str, Sequence[str]]) -> None:
+        """Make the window's layouts the agreed ones: every encoder that takes part on some rank, with the
+        union of the ranks' objectives, in encoder order. What this rank lacks enters with zeros, its
+        share of the ranks' average; ``.grad`` of an encoder this rank did not call already holds the
+        other ranks' average of the main objective (DDP wrote it), or nothing if no rank reached it."""
+        layouts: dict[str, EncoderObjectives] = {}
         for enc in self.encoders:
-            if enc in step or (enc in self.layouts and not new_window):
+            if enc not in agreed:
                 continue
-            params = self.trainable_params(enc)
-            if not params:
-                continue
-            objectives = self._known_objectives.get(enc, [self.multimodal_key, enc])
-            layout = EncoderObjectives(enc, params, list(objectives))
-            layout.reached = [True] * len(params)
-            layout.grads = [[torch.zeros_like(p) for p in params] for _ in objectives]
-            for p in params:
-                if p.grad is None:  # DDP writes the other ranks' average into it
-                    p.grad = torch.zeros_like(p)
-            self.layouts[enc] = step[enc] = layout
+            objectives = list(agreed[enc])
+            layout = self.layouts.get(enc)
+            if layout is None:
+                params = self.trainable_params(enc)
+                layout = EncoderObjectives(enc, params, objectives)
+                layout.reached = [True] * len(params)
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                        self._filled.add(id(p))
+                layout.grads = [[torch.zeros_like(p) for p in params] for _ in objectives]
+                layout.grads[1] = [p.grad for p in params]  # type: ignore[misc]
+            elif layout.objectives != objectives:
+                mine = dict(zip(layout.objectives, layout.grads, strict=True))
+                layout.grads = [
+                    mine[o] if o in mine else [torch.zeros_like(p) for p in layout.params] for o in objectives
+                ]
+                layout.objectives = objectives
+            layouts[enc] = layout
+        self.layouts = layouts
+
+    def _inspect(self, node: object, where: str) -> None:
+        if is_compiled_region(node):
+            refuse_donated(node, where)
+            self.compiled = True
 
     def _not_reaching(self, enc: str, loss_name: str, role: str, loss: Tensor) -> str:
         """Why a required loss does not reach the captured output of ``enc`` (on the error path only)."""

@@ -9,14 +9,15 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torchmetrics import Metric
 
-from mmpareto_lightning.distributed import all_ranks, mean_across_ranks
+from mmpareto_lightning.distributed import HostExchange, all_ranks, mean_across_ranks
 from mmpareto_lightning.engine import GradientSplittingError, MMParetoEngine
+from mmpareto_lightning.engine.compiled import has_compiled_modules
 from mmpareto_lightning.lightning.fit_checks import (
     check_ddp_reducer,
     check_optimizer,
@@ -160,6 +161,10 @@ class MMParetoCallback(Callback):
         self._totals: dict[str, Tensor] = {}
         self._loaded_totals: dict[str, dict[str, int]] = {}
         self._skipped_tensor = torch.zeros(())
+        # Data parallel: host-side exchanges between the ranks, and whether DDP needs every encoder
+        # called on every rank (find_unused_parameters=False).
+        self._exchange: HostExchange | None = None
+        self._every_encoder_needed = False
 
     # ------------------------------------------------------------------ settings shown to users
     @property
@@ -220,6 +225,8 @@ class MMParetoCallback(Callback):
         except GradientSplittingError as err:
             raise MisconfigurationException(str(err)) from err
         self._engine.splitter.zero_absent = trainer.world_size > 1
+        # Compiled heads are differentiated twice too (the head-level cotangents, then the backward).
+        self._engine.splitter.compiled |= has_compiled_modules(pl_module)
         self._metrics = MMParetoMetrics(list(encoders)).to(pl_module.device)
         # torchmetrics objects logged with `self.log` must be attributes of the LightningModule.
         pl_module.mmpareto_metrics = self._metrics
@@ -256,6 +263,13 @@ class MMParetoCallback(Callback):
             self._metrics.to(pl_module.device)
             self._totals = {k: v.to(pl_module.device) for k, v in self._totals.items()}
             self._skipped_tensor = self._skipped_tensor.to(pl_module.device)
+        if trainer.world_size > 1:
+            # After the strategy's setup: the process group exists and the model is wrapped.
+            self._exchange = HostExchange()
+            strategy = trainer.strategy
+            self._every_encoder_needed = isinstance(strategy, DDPStrategy) and not getattr(
+                strategy.model, "find_unused_parameters", strategy._ddp_kwargs.get("find_unused_parameters")
+            )
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -278,6 +292,10 @@ class MMParetoCallback(Callback):
             detach_driver(self._module, self)
             self._module = None
         self.in_step = False
+        if self._exchange is not None:
+            self._exchange.close()
+            self._exchange = None
+        self._every_encoder_needed = False
         self.bookkeeping.release_trainer_settings(trainer)
 
     def on_load_checkpoint(
@@ -355,10 +373,18 @@ class MMParetoCallback(Callback):
             sync = trainer.strategy.block_backward_sync()
         splitter = self._engine.splitter
         new_window = not (splitter.window_open or self._cheap_window_open)
+        # The ranks agree once per optimizer step, before the backward that communicates: on the
+        # objectives whose gradients are averaged (the split) and, for DDP without
+        # find_unused_parameters, on every encoder having been called.
+        agree = None
+        if last and self._exchange is not None and (self.diagnostics or self._every_encoder_needed):
+            agree = self._agree
         with sync:
             try:
                 if not self.diagnostics and self.rule.strategy == "uniform":
                     splitter.validate_losses(window)
+                    if agree is not None:
+                        agree({}, splitter.absent_encoders())
                     with splitter.holding_post_accumulate_grad_hooks():
                         pl_module.manual_backward(sum(window.values()))
                 else:
@@ -368,6 +394,7 @@ class MMParetoCallback(Callback):
                         scale_fn=scaler.scale if scaler is not None else None,
                         accumulate=splitter.window_open,
                         encoder_loss=None if self.diagnostics else self.multimodal_key,
+                        agree=agree,
                     )
             except GradientSplittingError as err:
                 raise MisconfigurationException(str(err)) from err
@@ -381,13 +408,7 @@ class MMParetoCallback(Callback):
         self._window_loss = (
             batch_loss if new_window or self._window_loss is None else self._window_loss + batch_loss
         )
-        created = self._metrics.update_losses(loss_values)
-        for name, layout in splitter.layouts.items():
-            created |= self._metrics.set_objectives(name, layout.objectives)
-        if created and hasattr(pl_module, "_metric_attributes"):
-            # New metric objects: Lightning caches where the module's metrics live on the first
-            # `self.log(<Metric>)` (e.g. in validation), so the cache is dropped to find them too.
-            pl_module._metric_attributes = None
+        self._metrics.update_losses(loss_values)
         if self.log_on_step and _is_logging_step(trainer):
             pl_module.log_dict(self._metrics.loss_step_values(loss_values), on_step=True, on_epoch=False)
         return {"loss": loss_values["loss"], **detached}
@@ -397,6 +418,9 @@ class MMParetoCallback(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         encoder_params = self._engine.splitter.encoder_of
         if self.diagnostics:
+            assert self._metrics is not None
+            for name, layout in self._engine.splitter.layouts.items():
+                self._metrics.set_objectives(name, layout.objectives)
             stats = self._engine.integrate(reduce_fn=mean_across_ranks(trainer.world_size), run_hooks=False)
             others = [p for p in pl_module.parameters() if p.requires_grad and id(p) not in encoder_params]
         else:
@@ -423,6 +447,37 @@ class MMParetoCallback(Callback):
             # Held during the backward: the encoder parameters' hooks see the gradient that is applied.
             self._engine.splitter.run_post_accumulate_grad_hooks()
         self.bookkeeping.step(trainer, pl_module, optimizer, skip=skip, loss=self._window_loss)
+
+    def _agree(self, objectives: dict[str, list[str]], absent: list[str]) -> dict[str, list[str]]:
+        """What every rank integrates this step: the union of the ranks' objectives per encoder.
+
+        One exchange of host values (:meth:`HostExchange.differing`: two integers when the ranks agree,
+        which is the common case). Every rank reaches the same answer, so a refusal is raised on all of
+        them and none is left waiting in DDP's all-reduce.
+        """
+        assert self._exchange is not None
+        mine = (tuple((enc, tuple(names)) for enc, names in objectives.items()), tuple(absent))
+        gathered = self._exchange.differing(mine)
+        everyone = [mine] if gathered is None else gathered
+        if self._every_encoder_needed and any(a for _, a in everyone):
+            where = (
+                f"on every rank ({sorted(absent)})"
+                if gathered is None
+                else ", ".join(f"{sorted(a)} on rank {r}" for r, (_, a) in enumerate(everyone) if a)
+            )
+            raise MisconfigurationException(
+                f"An encoder was not called in this step (a missing modality): {where}. DDP with "
+                "`find_unused_parameters=False` needs a gradient for every parameter on every rank and "
+                "would abort (or hang) in its all-reduce. Use `strategy='ddp_find_unused_parameters_true'` "
+                "(or `DDPStrategy(find_unused_parameters=True)`): MMPareto then integrates the ranks' "
+                "average gradients, to which a rank without the modality contributes zeros."
+            )
+        union: dict[str, list[str]] = {}
+        for encoders, _ in everyone:
+            for enc, names in encoders:
+                merged = union.setdefault(enc, [])
+                merged.extend(n for n in names if n not in merged)
+        return union
 
     def _warn_skipped(self, pl_module: MMParetoModule, stats: Mapping[str, RuleStats]) -> None:
         assert self._engine is not None
@@ -485,12 +540,19 @@ class MMParetoCallback(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         logged: dict[str, Metric] = {}
         if self.log_on_epoch and self._metrics is not None:
-            for key, metric in self._metrics.epoch_metrics().items():
+            gather = self._exchange.gather if self._exchange is not None else None
+            metrics = self._metrics.epoch_metrics(gather)
+            # Metric objects may have been created since Lightning cached where the module's metrics
+            # live (on the first `self.log(<Metric>)`, e.g. in validation): the cache is dropped.
+            pl_module._metric_attributes = None
+            for key, metric in metrics.items():
                 if metric.update_called:
                     pl_module.log(
                         key, metric, on_step=False, on_epoch=True, prog_bar=key == "mmpareto/loss_epoch"
                     )
                     logged[key] = metric
+        elif self._metrics is not None:
+            self._metrics.reset()
         self.bookkeeping.step_schedulers(
             trainer, pl_module, "epoch", plateau=None, index=trainer.current_epoch + 1, extra=logged
         )

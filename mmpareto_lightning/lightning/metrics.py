@@ -7,7 +7,11 @@ the same numbers: the metrics do not sync again (``sync_on_compute=False``), whi
 counts by the world size.
 
 The training losses are ``MeanMetric`` too: their step values are the rank's own batch (no collective in
-the step) and their epoch means are averaged across ranks once, when the epoch ends.
+the step) and their epoch means are averaged across ranks once, when the epoch ends, by one exchange of
+every rank's per-loss sums and counts (:meth:`MMParetoMetrics.epoch_metrics`). Ranks may have seen
+different losses (a modality missing on one rank): the exchange gives every rank the same loss metrics
+with the same values, so they log the same keys, and no torchmetrics collective runs (those are one per
+metric state, and they hang or abort when the ranks hold different metrics).
 
 Every key lives under one namespace (``mmpareto/`` by default), so nothing the plugin logs can overwrite
 a key the user logs.
@@ -15,7 +19,8 @@ a key the user logs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -94,11 +99,12 @@ class MMParetoMetrics(nn.Module):
         self.per_encoder: dict[str, _EncoderMetrics] = dict(
             zip(self.encoder_names, self._encoder_metrics, strict=True)  # type: ignore[arg-type]
         )
-        # Created on the first step, when the loss names are known.
+        # Created at the end of the first epoch that saw the loss (on any rank).
         self._loss_metrics = nn.ModuleList()
         self.losses: dict[str, MeanMetric] = {}
         self._loss_names: list[str] = []
         self._loss_running: Tensor | None = None  # (2, L): sum of finite losses, count of finite ones
+        self._epoch_losses: dict[str, Tensor] = {}  # name -> (2,): the epoch's sum and count so far
 
     # ------------------------------------------------------------------ losses
     @staticmethod
@@ -108,24 +114,16 @@ class MMParetoMetrics(nn.Module):
         values["loss"] = torch.stack(list(values.values())).sum()
         return values
 
-    def update_losses(self, values: Mapping[str, Tensor]) -> bool:
-        """Add one step's :meth:`loss_values`. Returns whether new loss metrics were created."""
+    def update_losses(self, values: Mapping[str, Tensor]) -> None:
+        """Add one step's :meth:`loss_values` (device ops only: nothing is read back)."""
         names = list(values)
-        created = False
         if names != self._loss_names:
             self._flush_losses()
             self._loss_names = names
-            for key, value in values.items():
-                if key not in self.losses:
-                    # Default sync_on_compute: the epoch mean of a rank-local loss is averaged across ranks.
-                    self.losses[key] = MeanMetric(nan_strategy="disable").to(value.device)
-                    self._loss_metrics.append(self.losses[key])
-                    created = True
         stacked = torch.stack(list(values.values())).float()
         finite = torch.isfinite(stacked)
         step = torch.stack([torch.where(finite, stacked, 0.0), finite.float()])
         self._loss_running = step if self._loss_running is None else self._loss_running + step
-        return created
 
     def loss_step_values(self, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``f"{prefix}/loss_<name>_step"`` -> the step's rank-local loss (from :meth:`loss_values`)."""
@@ -134,10 +132,42 @@ class MMParetoMetrics(nn.Module):
     def _flush_losses(self) -> None:
         if self._loss_running is None:
             return
-        sums, counts = self._loss_running
         for i, key in enumerate(self._loss_names):
-            self.losses[key].update(sums[i] / counts[i].clamp_min(1), counts[i])
+            column = self._loss_running[:, i]
+            earlier = self._epoch_losses.get(key)
+            self._epoch_losses[key] = column if earlier is None else earlier + column
         self._loss_running = None
+
+    def _epoch_loss_metrics(self, gather: Callable[[Any], list[Any]] | None) -> None:
+        """Fold the epoch's loss sums into the loss metrics: this rank's, or with ``gather`` (every rank's
+        value of its argument, in rank order) the sums and counts of all ranks, the same on every rank."""
+        self._flush_losses()
+        local, self._epoch_losses = self._epoch_losses, {}
+        if gather is None:
+            totals = {key: (t[0], t[1]) for key, t in local.items()}
+        else:
+            # The epoch's one host read and one exchange; float64 sums in rank order, so every rank
+            # computes the same values.
+            sums = torch.stack(list(local.values())).double().tolist() if local else []
+            merged: dict[str, list[float]] = {}
+            for ranks_losses in gather(dict(zip(local, sums, strict=True))):
+                for key, (total, count) in ranks_losses.items():
+                    acc = merged.setdefault(key, [0.0, 0.0])
+                    acc[0] += total
+                    acc[1] += count
+            device = self._device()
+            totals = {
+                key: (torch.tensor(t, device=device), torch.tensor(c, device=device))
+                for key, (t, c) in merged.items()
+            }
+        for key, (total, count) in totals.items():
+            if key not in self.losses:
+                self.losses[key] = _mean().to(self._device())
+                self._loss_metrics.append(self.losses[key])
+            self.losses[key].update(total / count.clamp_min(1), count)
+
+    def _device(self) -> torch.device:
+        return self._encoder_metrics[0].sums["conflicts"].sum_value.device  # type: ignore[union-attr,index]
 
     # ------------------------------------------------------------------ the rule's statistics
     def set_objectives(self, encoder: str, objectives: Sequence[str]) -> bool:
@@ -154,7 +184,7 @@ class MMParetoMetrics(nn.Module):
         self._flush_encoder(metrics)
         metrics.alpha_names = names
         created = False
-        device = metrics.sums["conflicts"].sum_value.device  # type: ignore[union-attr]
+        device = self._device()
         for key in names:
             if key not in metrics.alphas:
                 metrics.alphas[key] = _mean().to(device)
@@ -216,20 +246,37 @@ class MMParetoMetrics(nn.Module):
         metrics.running = None
 
     def flush(self) -> None:
-        """Fold the running sums of the epoch into the torchmetrics objects."""
+        """Fold the running sums of the rule's statistics into the torchmetrics objects."""
         for metrics in self.per_encoder.values():
             self._flush_encoder(metrics)
-        self._flush_losses()
 
-    def epoch_metrics(self) -> dict[str, Metric]:
-        """``"<key>_epoch"`` -> metric (epoch means of the rule's values and losses, epoch counts)."""
+    def reset(self) -> None:
+        """Drop the epoch's values without logging them (``log_on_epoch=False``)."""
         self.flush()
+        self._flush_losses()
+        self._epoch_losses = {}
+        for metric in self.modules():
+            if isinstance(metric, Metric):
+                metric.reset()
+
+    def epoch_metrics(self, gather: Callable[[Any], list[Any]] | None = None) -> dict[str, Metric]:
+        """``"<key>_epoch"`` -> metric (epoch means of the rule's values and losses, epoch counts).
+
+        Args:
+            gather: data parallel: returns every rank's value of its argument, in rank order (e.g.
+                :meth:`~mmpareto_lightning.distributed.HostExchange.gather`). The loss means are then
+                taken over all ranks' steps, once per epoch; the rule's values already are global.
+        """
+        self.flush()
+        self._epoch_loss_metrics(gather)
         out: dict[str, Metric] = {}
         for name, metrics in self.per_encoder.items():
             base = f"{self.prefix}/{name}/"
             out[base + "cos_beta_epoch"] = metrics.means["cos_beta"]
-            for key in metrics.alpha_names:
-                out[base + f"{key}_epoch"] = metrics.alphas[key]
+            # Every objective's weight met this epoch, also one that reached the encoder only on some steps
+            # (its mean is over those steps); the caller logs the metrics that were updated.
+            for key, alpha in metrics.alphas.items():
+                out[base + f"{key}_epoch"] = alpha
             out[base + "rescale_epoch"] = metrics.means["rescale"]
             out[base + "conflicts_epoch"] = metrics.sums["conflicts"]
             out[base + "stationary_epoch"] = metrics.sums["stationary"]
