@@ -76,7 +76,12 @@ class MMParetoCallback(Callback):
             log cos beta and conflicts (default). ``False`` runs those baselines at the cost of a plain
             step and logs no rule metrics (for timing and large ablations); the rule strategies need the
             split and refuse it.
-        log_on_step: log the metrics every step (``*_step`` keys).
+        log_on_step: log the metrics on Lightning's logging steps (``*_step`` keys; ``log_every_n_steps``).
+        log_totals_every_step: log the cumulative ``*_total`` counts and ``mmpareto/skipped_steps`` on
+            every step (``True``) or on the logging steps only (``False``). ``None`` (default): every step
+            when a callback or an LR scheduler monitors one of the plugin's keys (a ``ModelCheckpoint`` or
+            ``EarlyStopping`` with ``monitor="mmpareto/..."``), else on the logging steps: each
+            ``self.log`` costs Lightning about a tenth of a millisecond.
         log_on_epoch: log epoch aggregates (``*_epoch`` keys).
 
     Logged keys, all under ``mmpareto/`` so that none can overwrite a key of the user's: per encoder
@@ -106,6 +111,7 @@ class MMParetoCallback(Callback):
         diagnostics: bool = True,
         log_on_step: bool = True,
         log_on_epoch: bool = True,
+        log_totals_every_step: bool | None = None,
     ) -> None:
         if strategy not in STRATEGIES:
             raise MisconfigurationException(f"`strategy={strategy!r}` is not one of {STRATEGIES}.")
@@ -146,6 +152,11 @@ class MMParetoCallback(Callback):
         self.skip_non_finite = skip_non_finite
         self.diagnostics = diagnostics
         self.log_on_step = log_on_step
+        self.log_totals_every_step = log_totals_every_step
+        self._totals_every_step = bool(log_totals_every_step)
+        # Parameters outside the encoders, listed once per fit (a module walk costs milliseconds).
+        self._other_params: list[Tensor] = []
+        self._encoder_param_list: list[Tensor] = []
         self.log_on_epoch = log_on_epoch
 
         self.in_step = False
@@ -263,6 +274,17 @@ class MMParetoCallback(Callback):
             self._metrics.to(pl_module.device)
             self._totals = {k: v.to(pl_module.device) for k, v in self._totals.items()}
             self._skipped_tensor = self._skipped_tensor.to(pl_module.device)
+        if self._engine is not None:
+            # After configure_model and the strategy's setup: the parameters the optimizer steps.
+            encoder_params = self._engine.splitter.encoder_of
+            params = list(pl_module.parameters())
+            self._other_params = [p for p in params if id(p) not in encoder_params]
+            self._encoder_param_list = [p for p in params if id(p) in encoder_params]
+        self._totals_every_step = (
+            self.log_totals_every_step
+            if self.log_totals_every_step is not None
+            else any(key.startswith("mmpareto/") for key in _monitored_keys(trainer, pl_module))
+        )
         if trainer.world_size > 1:
             # After the strategy's setup: the process group exists and the model is wrapped.
             self._exchange = HostExchange()
@@ -416,21 +438,20 @@ class MMParetoCallback(Callback):
     def _finish_window(self, trainer: pl.Trainer, pl_module: MMParetoModule, optimizer: Any) -> None:
         assert self._engine is not None
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        encoder_params = self._engine.splitter.encoder_of
         if self.diagnostics:
             assert self._metrics is not None
             for name, layout in self._engine.splitter.layouts.items():
                 self._metrics.set_objectives(name, layout.objectives)
             stats = self._engine.integrate(reduce_fn=mean_across_ranks(trainer.world_size), run_hooks=False)
-            others = [p for p in pl_module.parameters() if p.requires_grad and id(p) not in encoder_params]
+            others = [p for p in self._other_params if p.requires_grad]
         else:
             self._cheap_window_open = False
             stats = {}
             gamma = self.rule.effective_gamma
-            grads = [p.grad for p in pl_module.parameters() if id(p) in encoder_params and p.grad is not None]
+            grads = [p.grad for p in self._encoder_param_list if p.grad is not None]
             if gamma != 1.0 and grads:
                 torch._foreach_mul_(grads, gamma)
-            others = [p for p in pl_module.parameters() if p.requires_grad]
+            others = [p for p in (*self._other_params, *self._encoder_param_list) if p.requires_grad]
         finite: Tensor | None = None
         if scaler is None and self.skip_non_finite:
             finite = self._engine.all_finite(stats, others)
@@ -438,7 +459,7 @@ class MMParetoCallback(Callback):
                 finite = all_ranks(finite)
         # Metrics are updated before the finite check reads the device, so their kernels are queued
         # while the GPU still works on the backward.
-        self._record(pl_module, stats, finite, self.log_on_step and _is_logging_step(trainer))
+        self._record(pl_module, stats, finite, _is_logging_step(trainer))
         skip = finite is not None and not bool(finite)  # the step's single host synchronisation
         if skip:
             self._engine.splitter.discard_post_accumulate_grad_hooks()
@@ -501,24 +522,30 @@ class MMParetoCallback(Callback):
         )
 
     def _record(
-        self, pl_module: MMParetoModule, stats: Mapping[str, RuleStats], valid: Tensor | None, log_step: bool
+        self,
+        pl_module: MMParetoModule,
+        stats: Mapping[str, RuleStats],
+        valid: Tensor | None,
+        logging_step: bool,
     ) -> None:
         assert self._metrics is not None
         self._metrics.update(stats, valid)
         for name, s in stats.items():
             ok = s.finite if valid is None else s.finite & valid
             self._totals[name] += torch.stack([s.conflict & ok, s.stationary & ok]).to(torch.float32)
-        # The cumulative counts are logged on every step, so ModelCheckpoint and EarlyStopping can
-        # monitor them whenever they look.
         values: dict[str, Tensor] = {}
-        for name, totals in self._totals.items():
-            values[f"mmpareto/{name}/conflicts_total"] = totals[0]
-            values[f"mmpareto/{name}/stationary_total"] = totals[1]
-        # The counter of skipped steps only changes after this point: it is logged as it was before.
-        values["mmpareto/skipped_steps"] = self._skipped_tensor
-        if log_step:
+        # The cumulative counts: on every step when something monitors the plugin's keys (so a
+        # ModelCheckpoint or EarlyStopping sees them whenever it looks), else on the logging steps.
+        if self._totals_every_step or logging_step:
+            for name, totals in self._totals.items():
+                values[f"mmpareto/{name}/conflicts_total"] = totals[0]
+                values[f"mmpareto/{name}/stationary_total"] = totals[1]
+            # The counter of skipped steps only changes after this point: it is logged as it was before.
+            values["mmpareto/skipped_steps"] = self._skipped_tensor
+        if self.log_on_step and logging_step:
             values.update(self._metrics.step_values(stats))
-        pl_module.log_dict(values, on_step=True, on_epoch=False)
+        if values:
+            pl_module.log_dict(values, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ hooks
     def on_train_batch_end(
@@ -588,6 +615,15 @@ class MMParetoCallback(Callback):
     def totals(self) -> dict[str, dict[str, int]]:
         """Cumulative ``conflicts`` and ``stationary`` counts per encoder (reads the device)."""
         return self.state_dict()["totals"]
+
+
+def _monitored_keys(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+    """The metric keys that callbacks (``monitor`` attributes: ModelCheckpoint, EarlyStopping, ...) and
+    LR schedulers (ReduceLROnPlateau monitors) read during the fit."""
+    keys = [getattr(c, "monitor", None) for c in trainer.callbacks]
+    keys += [config.monitor for config in trainer.lr_scheduler_configs]
+    keys += [k.get("monitor") for k in getattr(pl_module, "_mmpareto_scheduler_keys", {}).values()]
+    return [k for k in keys if isinstance(k, str)]
 
 
 def _is_logging_step(trainer: pl.Trainer) -> bool:
