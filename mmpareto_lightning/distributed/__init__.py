@@ -1,8 +1,24 @@
 """The collectives of data-parallel training, in one place, below the Lightning layer.
 
 Everything here takes plain tensors and ``torch.distributed``; the callback decides when to call it.
+``collectives``: DDP (the ranks' mean of the extra objectives' gradients, a flag that holds on every
+rank). ``sharded``: FSDP2 (``fully_shard``): which shards make up each encoder, the sum of the rule's Gram
+matrices over the shards, and the ranks' agreement on the backward passes of a step.
 """
 
 from mmpareto_lightning.distributed.collectives import all_ranks, mean_across_ranks
+from mmpareto_lightning.distributed.sharded import (
+    AgreedStructure,
+    ShardedEncoders,
+    ShardingError,
+    local_tensors,
+)
 
-__all__ = ["all_ranks", "mean_across_ranks"]
+__all__ = [
+    "AgreedStructure",
+    "ShardedEncoders",
+    "ShardingError",
+    "all_ranks",
+    "local_tensors",
+    "mean_across_ranks",
+]
