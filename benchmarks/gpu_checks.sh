@@ -18,7 +18,7 @@ run() {  # run NAME COMMAND...: the command's wall time goes to durations.txt
     echo "$1: $((SECONDS - start)) s (exit status so far: $status)" | tee -a "$out/durations.txt"
 }
 gpu_tests() {
-    python -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_rule.py 2>&1 \
+    python -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_rule.py tests/test_fsdp.py 2>&1 \
         | tee "$out/test_gpu.txt"
 }
 run tests gpu_tests
