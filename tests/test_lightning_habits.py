@@ -692,8 +692,8 @@ def test_whole_module_compile_is_refused() -> None:
         _fit(compiled)
 
 
-@pytest.mark.parametrize("name", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
-def test_sharded_strategies_are_refused(name: str) -> None:
+@pytest.mark.parametrize("name", ["FSDPStrategy", "DeepSpeedStrategy"])
+def test_sharded_strategies_other_than_fsdp2_are_refused(name: str) -> None:
     from types import SimpleNamespace
 
     from lightning.pytorch import strategies
@@ -704,8 +704,10 @@ def test_sharded_strategies_are_refused(name: str) -> None:
     # These strategies need GPUs (and DeepSpeed a package); the check only looks at the strategy's type.
     cls = getattr(strategies, name, None) or type(name, (strategies.DDPStrategy,), {})
     trainer = SimpleNamespace(callbacks=[], strategy=cls.__new__(cls))
-    with pytest.raises(MisconfigurationException, match=f"does not support the {name} strategy"):
+    with pytest.raises(MisconfigurationException, match=f"does not support the {name} strategy") as info:
         check_trainer(trainer, Net(), Callback)
+    # ModelParallelStrategy (FSDP2) is supported: tests/test_fsdp.py.
+    assert "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)" in str(info.value)
 
 
 def test_automatic_optimization_re_enabled_in_setup_is_refused() -> None:

@@ -28,8 +28,9 @@ from contextlib import AbstractContextManager
 import torch
 from torch import Tensor, nn
 
+from mmpareto_lightning.distributed.sharded import ShardedEncoders, local_tensors
 from mmpareto_lightning.engine.splitting import AgreeFn, GradientSplitter
-from mmpareto_lightning.rule import RuleConfig, RuleStats, integrate_encoders
+from mmpareto_lightning.rule import RuleConfig, RuleStats, integrate_encoders, integrate_tensor_lists
 
 __all__ = ["MMParetoEngine"]
 
@@ -60,6 +61,13 @@ class MMParetoEngine:
     @property
     def encoder_names(self) -> list[str]:
         return list(self.splitter.encoders)
+
+    @property
+    def sharded(self) -> ShardedEncoders | None:
+        """The encoders' FSDP2 sharding (``None``: not sharded). Sharded encoders need nothing else:
+        FSDP averages every gradient over the ranks, and :meth:`integrate` sums the rule's Gram matrices
+        over the shards."""
+        return self.splitter.sharded
 
     def capture(self) -> AbstractContextManager[None]:
         """Context manager around the forward pass whose losses go to :meth:`backward`."""
@@ -99,19 +107,40 @@ class MMParetoEngine:
             run_hooks: run the encoder parameters' post-accumulate-grad hooks, held during the
                 backward, on the integrated gradients now (``False``: the caller runs them with
                 ``engine.splitter.run_post_accumulate_grad_hooks()``, e.g. after a finite check).
+                ``reduce_fn`` is not for encoders sharded with FSDP2, whose gradients FSDP averages:
+                there each encoder's Gram matrices are summed over its shards (one all-reduce of
+                ``T * K * K`` numbers).
 
         Returns:
             encoder name -> the step's :class:`RuleStats`, for the encoders that took part.
         """
         layouts = self.splitter.layouts
+        sharded = self.splitter.sharded
+        if reduce_fn is not None and sharded is not None:
+            raise ValueError(
+                "`reduce_fn` averages the extra objectives' gradients across processes, but the encoders "
+                "are sharded with FSDP, whose reduce-scatter already averages them: call integrate() "
+                "without it."
+            )
         if reduce_fn is not None:
             self._reduce_extras(reduce_fn)
         names = list(layouts)
-        # Every encoder in one call of the rule: its operations are shared, not repeated per encoder.
-        _, decided = integrate_encoders(
-            [layouts[n].grads for n in names], self.config, [layouts[n].grads[1] for n in names]
-        )
-        stats = dict(zip(names, decided, strict=True))
+        if sharded is None:
+            # Every encoder in one call of the rule: its operations are shared, not repeated per encoder.
+            _, decided = integrate_encoders(
+                [layouts[n].grads for n in names], self.config, [layouts[n].grads[1] for n in names]
+            )
+            stats = dict(zip(names, decided, strict=True))
+        else:
+            # Each encoder's Gram matrices are summed over the ranks that hold its other shards.
+            stats = {}
+            for name in names:
+                _, stats[name] = integrate_tensor_lists(
+                    layouts[name].grads,
+                    self.config,
+                    out=layouts[name].grads[1],
+                    gram_reduce=sharded.gram_reduce(name),
+                )
         for layout in layouts.values():
             if not self.splitter.zero_absent:
                 # As plain autograd: a parameter no loss reached has no gradient (an optimizer then
@@ -167,7 +196,7 @@ class MMParetoEngine:
         flags = [s.finite & s.fits for s in stats.values()]
         if self.splitter.loss_finite is not None:
             flags.append(self.splitter.loss_finite.all())
-        grads = [p.grad for p in parameters if p.grad is not None]
+        grads = local_tensors([p.grad for p in parameters if p.grad is not None])
         if grads:
             flags.append(_all_finite(grads))
         if not flags:
@@ -205,7 +234,9 @@ def _all_finite(tensors: list[Tensor]) -> Tensor:
         groups.setdefault((t.device, t.dtype), []).append(t)
     found = []
     for (device, _), group in groups.items():
-        found_inf = torch.zeros(1, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, torch.ones(1, device=device))
+        # float32 whatever the default dtype (Lightning's "bf16-true" makes it bfloat16 in the step).
+        found_inf = torch.zeros(1, device=device, dtype=torch.float32)
+        ones = torch.ones(1, device=device, dtype=torch.float32)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, ones)
         found.append(found_inf.to(tensors[0].device))
     return torch.cat(found).sum() == 0

@@ -41,6 +41,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from mmpareto_lightning.distributed.sharded import (
+    ShardedEncoders,
+    ShardingError,
+    keep_gathered,
+    local_tensors,
+)
+from mmpareto_lightning.engine import sharded_split
 from mmpareto_lightning.engine.capture import OutputCapture
 from mmpareto_lightning.engine.compiled import (
     RetainedGraphCompile,
@@ -163,7 +170,17 @@ class GradientSplitter:
                 owner[id(p)] = name
         self.multimodal_key = multimodal_key
         self.encoders = dict(encoders)
-        self._params = {name: list(module.parameters()) for name, module in self.encoders.items()}
+        # Encoders sharded with FSDP2 (``fully_shard``): see mmpareto_lightning.engine.sharded_split.
+        try:
+            self.sharded = ShardedEncoders.detect(self.encoders)
+        except ShardingError as err:
+            raise GradientSplittingError(str(err)) from err
+        if self.sharded is not None:
+            owner = {id(p): name for name in self.encoders for p in self.sharded.parameters(name)}
+        # Sharded: the FSDP modules that ran forward in the step, and how to let them reshard again.
+        self._fsdp_modules: dict[int, nn.Module] = {}
+        self._release_gathered: Callable[[], None] = sharded_split.nothing
+        self._params = {name: self._all_params(name) for name in self.encoders}
         # Encoder parameters whose post-accumulate-grad hooks were held in this window's backward passes.
         self._held_hooks: dict[int, Tensor] = {}
         self._param_names = dict(param_names or {})
@@ -196,7 +213,10 @@ class GradientSplitter:
 
     @contextmanager
     def _capture_block(self) -> Iterator[None]:
-        with RetainedGraphCompile(self.compiled), self._capture.capture():
+        capture = self._capture.capture()
+        if self.sharded is not None:
+            capture = sharded_split.capture_recording_fsdp_modules(capture, self._fsdp_modules)
+        with RetainedGraphCompile(self.compiled), capture:
             yield
 
     @property
@@ -205,8 +225,12 @@ class GradientSplitter:
         return self._owner
 
     def trainable_params(self, name: str) -> list[nn.Parameter]:
-        """The parameters of encoder ``name`` that require grad now."""
-        return [p for p in self.encoders[name].parameters() if p.requires_grad]
+        """The parameters of encoder ``name`` that require grad now (sharded: the shards)."""
+        return [p for p in self._all_params(name) if p.requires_grad]
+
+    def _all_params(self, name: str) -> list[nn.Parameter]:
+        params = self.sharded.parameters(name) if self.sharded else self.encoders[name].parameters()
+        return list(params)
 
     def holding_post_accumulate_grad_hooks(self) -> AbstractContextManager[None]:
         """Hold the post-accumulate-grad hooks of the encoders' trainable parameters during a backward
@@ -275,9 +299,15 @@ class GradientSplitter:
         scale_fn = scale_fn or _identity
         try:
             return self._backward(losses, backward_fn, scale_fn, accumulate, encoder_loss, agree)
+        except Exception:
+            if self.sharded is not None:
+                self.sharded.abandon()  # the other ranks refuse the step too, rather than hang
+            raise
         finally:
             # The captured aliases hold the step's graph: nothing is kept past the backward.
             self._capture.clear()
+            self._release_gathered()
+            self._release_gathered = sharded_split.nothing
 
     def _backward(
         self,
@@ -288,6 +318,8 @@ class GradientSplitter:
         encoder_loss: str | None,
         agree: AgreeFn | None,
     ) -> dict[str, EncoderObjectives]:
+        if self.sharded is not None:
+            self.sharded.begin()
         losses = self.validate_losses(losses)
         modified = self._capture.modified_in_place()
         if modified:
@@ -300,6 +332,17 @@ class GradientSplitter:
         present = self._present_encoders(losses)
         names = list(losses)
         outputs, owner = self._capture.tensors(present)
+        reach = None
+        if self.sharded is not None:
+            # Before the cotangents: each of them is a backward through sharded heads.
+            trainable = {enc: len(self.trainable_params(enc)) for enc in self.encoders}
+            present, reach = sharded_split.agree_on_step(
+                self.sharded, losses, present, outputs, owner, self._capture.outputs, self._owner, trainable,
+                self._describe,
+            )  # fmt: skip
+            outputs, owner = self._capture.tensors(present)
+            # Through the heads' and the extra passes: released before the ordinary backward.
+            self._release_gathered = keep_gathered(self._fsdp_modules.values())
 
         # Head-level cotangents: cot[loss][i] is d(scaled loss)/d(output i), None if it does not depend.
         scaled = {n: scale_fn(loss) for n, loss in losses.items()}
@@ -316,10 +359,13 @@ class GradientSplitter:
         new_window = not (accumulate and self._window_open)
         if new_window:
             self.layouts = {}
-        step_layouts = self._assign_objectives(present, losses, cot, owner, new_window)
-        check_graph(losses, self._capture.outputs, step_layouts, self._owner, self._describe, self._inspect)
+        step_layouts = self._assign_objectives(present, losses, cot, owner, new_window, reach)
+        if self.sharded is None:  # sharded: checked before the ranks agree
+            check_graph(
+                losses, self._capture.outputs, step_layouts, self._owner, self._describe, self._inspect
+            )
         agreed = None
-        if agree is not None:
+        if agree is not None and self.sharded is None:
             mine = {enc: list(self.layouts[enc].objectives) for enc in self.encoders if enc in self.layouts}
             agreed = agree(mine, self.absent_encoders())
         if encoder_loss is None:
@@ -327,7 +373,12 @@ class GradientSplitter:
                 buffers_kept({enc: self.encoders[enc] for enc in step_layouts}, self._snapshots),
                 RetainedGraphCompile(self.compiled),
             ):
-                self._extra_vjps(step_layouts, cot, owner, outputs)
+                if self.sharded is not None:
+                    sharded_split.extra_backward_passes(
+                        step_layouts, cot, owner, outputs, self.sharded.graph_tensors
+                    )
+                else:
+                    self._extra_vjps(step_layouts, cot, owner, outputs)
 
         finite = torch.stack([torch.isfinite(losses[n].detach()).all() for n in names])
         if new_window or self.loss_finite is None or names != self.loss_names:
@@ -342,15 +393,19 @@ class GradientSplitter:
             for p in layout.params:
                 if id(p) in self._filled:  # zeros filled in by the splitter carry no information
                     p.grad = None
+        self._release_gathered()
         handles: list[RemovableHandle] = []
         for i, (out, enc) in enumerate(zip(outputs, owner, strict=True)):
             main = cot[encoder_loss or self.layouts[enc].objectives[1]][i]
             replacement = main if main is not None else torch.zeros_like(out)
             handles.append(out.register_hook(_Replace(replacement)))
         params = [p for layout in self.layouts.values() for p in layout.params]
+        total = sum(losses.values())
+        if self.sharded is not None:
+            total = sum(sharded_split.untouched_terms(outputs, owner, cot, present), total)
         try:
             with post_accumulate_grad_hooks_held(params, self._held_hooks):
-                backward_fn(sum(losses.values()))  # type: ignore[arg-type]
+                backward_fn(total)  # type: ignore[arg-type]
         finally:
             for h in handles:
                 h.remove()
@@ -366,7 +421,7 @@ class GradientSplitter:
                 elif layout.name in step_layouts:
                     layout.reached[i] = True
             # Read after the backward: DDP may have replaced the .grad tensors with bucket views.
-            layout.grads[1] = [p.grad for p in layout.params]  # type: ignore[misc]
+            layout.grads[1] = local_tensors([p.grad for p in layout.params])  # type: ignore[misc]
         if agreed is not None:
             self._conform(agreed)
         self._window_open = True
@@ -458,13 +513,21 @@ class GradientSplitter:
         cot: Mapping[str, list[Tensor | None]],
         owner: list[str],
         new_window: bool,
+        reach: Mapping[str, list[str]] | None = None,
     ) -> dict[str, EncoderObjectives]:
-        """This step's layout of every present encoder; they must match the window's earlier steps."""
+        """This step's layout of every present encoder; they must match the window's earlier steps.
+
+        ``reach`` (encoder -> losses that reach it) replaces the cotangents' own answer when given: under
+        FSDP, the losses that reach the encoder on any rank.
+        """
         names = list(losses)
         step: dict[str, EncoderObjectives] = {}
         for enc in present:
             idx = [i for i, o in enumerate(owner) if o == enc]
-            reaching = [n for n in names if any(cot[n][i] is not None for i in idx)]
+            if reach is not None:
+                reaching = list(reach.get(enc, []))
+            else:
+                reaching = [n for n in names if any(cot[n][i] is not None for i in idx)]
             if enc not in names:
                 raise GradientSplittingError(
                     f"Missing loss {enc!r}: encoder {enc!r} was called but no loss is under its name (got "

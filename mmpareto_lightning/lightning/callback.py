@@ -27,6 +27,7 @@ from mmpareto_lightning.lightning.fit_checks import (
 )
 from mmpareto_lightning.lightning.metrics import MMParetoMetrics
 from mmpareto_lightning.lightning.module import MMParetoModule, attach_driver, detach_driver, ensure_wrapped
+from mmpareto_lightning.lightning.sharding import check_sharded_module, is_sharded_strategy
 from mmpareto_lightning.lightning.stepping import OptimizationBookkeeping
 from mmpareto_lightning.rule import RESCALE_MODES, STRATEGIES, RuleConfig, RuleStats
 
@@ -225,6 +226,16 @@ class MMParetoCallback(Callback):
                 f"`training_step` was assigned to this {type(pl_module).__name__} instance; MMPareto wraps "
                 "methods of the class. Define `training_step` as a method (or assign it to the class)."
             )
+        if is_sharded_strategy(trainer.strategy):
+            self._engine = None  # prepared at fit start, once `configure_model` has sharded the modules
+        else:
+            self._prepare(trainer, pl_module)
+        self.bookkeeping.restore_trainer_settings(trainer)
+        self._module = pl_module
+        attach_driver(pl_module, self)
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The encoders, the engine on their parameters, the metrics and the counters of this fit."""
         encoders = validated_encoders(pl_module)
         try:
             self._engine = MMParetoEngine(
@@ -248,11 +259,17 @@ class MMParetoCallback(Callback):
             self._totals[name] = torch.tensor(counts, dtype=torch.float32, device=pl_module.device)
         # Logged every step: a device tensor, since logging a Python number copies it to the device.
         self._skipped_tensor = torch.tensor(float(self.skipped_steps), device=pl_module.device)
-        self.bookkeeping.restore_trainer_settings(trainer)
-        self._module = pl_module
-        attach_driver(pl_module, self)
+
+    def _prepare_sharded(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """FSDP2: `configure_model`, which runs after `setup`, replaced the parameters by shards (or
+        created the modules); the encoders and their shards are read once it has run."""
+        if self._engine is None:
+            check_sharded_module(pl_module)
+            self._prepare(trainer, pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if is_sharded_strategy(trainer.strategy):
+            self._prepare_sharded(trainer, pl_module)
         if pl_module.automatic_optimization:
             raise MisconfigurationException(
                 f"{type(pl_module).__name__} has `automatic_optimization = True`, but MMPareto drives the "
@@ -285,8 +302,9 @@ class MMParetoCallback(Callback):
             if self.log_totals_every_step is not None
             else any(key.startswith("mmpareto/") for key in _monitored_keys(trainer, pl_module))
         )
-        if trainer.world_size > 1:
-            # After the strategy's setup: the process group exists and the model is wrapped.
+        if trainer.world_size > 1 and not is_sharded_strategy(trainer.strategy):
+            # After the strategy's setup: the process group exists and the model is wrapped. (Under
+            # FSDP the ranks agree on each step's backward passes in the engine instead.)
             self._exchange = HostExchange()
             strategy = trainer.strategy
             self._every_encoder_needed = isinstance(strategy, DDPStrategy) and not getattr(
@@ -341,6 +359,8 @@ class MMParetoCallback(Callback):
         self, module: MMParetoModule, step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         """Run ``module``'s ``training_step`` under the split and do the update (the mixin calls this)."""
+        if self._engine is None:  # a step before this callback's on_fit_start (the Tuner's) under FSDP2
+            self._prepare_sharded(module.trainer, module)
         assert self._engine is not None
         self.in_step = True
         self._batch_seen = True
@@ -442,7 +462,11 @@ class MMParetoCallback(Callback):
             assert self._metrics is not None
             for name, layout in self._engine.splitter.layouts.items():
                 self._metrics.set_objectives(name, layout.objectives)
-            stats = self._engine.integrate(reduce_fn=mean_across_ranks(trainer.world_size), run_hooks=False)
+            # FSDP averages the extra objectives' gradients itself (reduce-scatter).
+            sharded = self._engine.sharded is not None
+            stats = self._engine.integrate(
+                reduce_fn=None if sharded else mean_across_ranks(trainer.world_size), run_hooks=False
+            )
             others = [p for p in self._other_params if p.requires_grad]
         else:
             self._cheap_window_open = False

@@ -15,10 +15,17 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.optim import LBFGS
 
+from mmpareto_lightning.lightning.sharding import (
+    SHARDED_HINT,
+    check_model_parallel_strategy,
+    is_sharded_strategy,
+)
+
 __all__ = ["check_ddp_reducer", "check_optimizer", "check_parameters", "check_trainer", "validated_encoders"]
 
 _SUPPORTED_STRATEGIES = (
-    "single-device (CPU, one GPU) and DDP (`ddp`, `ddp_spawn`, `ddp_find_unused_parameters_true`)"
+    "single-device (CPU, one GPU), DDP (`ddp`, `ddp_spawn`, `ddp_find_unused_parameters_true`) and FSDP2 "
+    "(`ModelParallelStrategy` with `tensor_parallel_size=1`)"
 )
 
 
@@ -31,13 +38,16 @@ def check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule, callback_t
             "the update and step the schedulers). Keep one."
         )
     strategy = trainer.strategy
-    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or type(strategy).__name__ in (
+    if is_sharded_strategy(strategy):
+        check_model_parallel_strategy(strategy)  # type: ignore[arg-type]
+    elif not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or type(strategy).__name__ in (
         "DeepSpeedStrategy",
     ):
         raise MisconfigurationException(
-            f"MMPareto does not support the {type(strategy).__name__} strategy: sharded or model-parallel "
-            "training (FSDP, DeepSpeed, ModelParallelStrategy) keeps no whole per-loss encoder gradient to "
-            f"integrate. Supported: {_SUPPORTED_STRATEGIES}."
+            f"MMPareto does not support the {type(strategy).__name__} strategy: FSDP1 (`FSDPStrategy`) "
+            "and DeepSpeed reduce gradients in flat buffers they own, behind backward hooks and engines "
+            "that allow no second, per-objective backward. Supported: "
+            f"{_SUPPORTED_STRATEGIES}. {SHARDED_HINT}"
         )
     if isinstance(strategy, DDPStrategy) and strategy._ddp_kwargs.get("static_graph"):
         raise MisconfigurationException(

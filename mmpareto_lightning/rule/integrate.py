@@ -196,7 +196,10 @@ def _integrate(
         torch._foreach_copy_(target, result)
         return target, narrowed
     dtype = lists[0][0].dtype
-    scale = common_scale(lists)
+    # Float64 gradients are scaled by a power of two of this process's own; sharded training sums Gram
+    # matrices over processes, so there they are not scaled (float64 products then hold gradients up to
+    # about 1e150).
+    scale = common_scale(lists) if gram_reduce is None else None
     # The Gram entries of float64 gradients are those of the gradients times `scale`.
     limit = _LARGEST[dtype] if scale is None else scale * torch.finfo(dtype).max
     if passes._multi_tensor(lists[0][0].device):
