@@ -1,9 +1,11 @@
-"""Multi-process helpers for the FSDP2 tests: ranks forked from the test process, a sharded model.
+"""Multi-process helpers for the FSDP2 tests: ranks forked from a fork server, a sharded model.
 
-Forking (instead of spawning) skips the seconds each spawned process spends importing torch and
-Lightning: a 2-rank test takes a second or two. The children find each other through the
-``torch.distributed`` environment variables, which Lightning's default cluster environment reads as an
-external launcher (so ``ModelParallelStrategy`` starts no processes of its own).
+The ranks are forked from a server process that imported torch and Lightning once (``forkserver``): a
+2-rank test then takes a second or two, where spawned processes would each spend seconds importing. They
+are not forked from the test process itself, whose state (a process group an earlier fit left behind,
+threads, CUDA) a fork would inherit. The ranks find each other through the ``torch.distributed``
+environment variables, which Lightning's default cluster environment reads as an external launcher (so
+``ModelParallelStrategy`` starts no processes of its own).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def _child(rank: int, world: int, port: int, directory: str, target: Callable[..
     )
     code = 0
     try:
+        torch.set_num_threads(1)
         target(rank, world, *args)
     except BaseException as err:  # reported to the parent through a file
         Path(directory, f"error{rank}.txt").write_text(
@@ -58,22 +61,31 @@ def _child(rank: int, world: int, port: int, directory: str, target: Callable[..
     os._exit(code)
 
 
+_PRELOAD = ["torch", "torch.distributed.fsdp", "lightning.pytorch", "mmpareto_lightning", "_models"]
+
+
+def _context(start_method: str) -> Any:
+    ctx = mp.get_context(start_method)
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload(_PRELOAD)  # read when the server starts (once per test session)
+    return ctx
+
+
 def run_ranks(
     target: Callable[..., Any],
     directory: Path,
     *args: Any,
     world: int = 2,
-    timeout: float = 90.0,
-    start_method: str = "fork",
+    timeout: float = 120.0,
+    start_method: str = "forkserver",
 ) -> list[str | None]:
-    """Run ``target(rank, world, *args)`` in ``world`` forked processes; return each rank's error (the
-    exception's type and message followed by its traceback) or ``None``. Fails the test on a hang.
-
-    ``start_method="spawn"`` where the test process has initialised CUDA (a forked child cannot use it).
-    """
+    """Run ``target(rank, world, *args)`` (a module-level function: it is pickled) in ``world`` processes;
+    return each rank's error (the exception's type and message followed by its traceback) or ``None``.
+    Fails the test on a hang; ranks still running 15 s after another failed are stopped (they wait for
+    it in a collective)."""
     directory.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    ctx = mp.get_context(start_method)
+    ctx = _context(start_method)
     procs = [
         ctx.Process(target=_child, args=(r, world, port, str(directory), target, args), daemon=True)
         for r in range(world)
@@ -81,8 +93,13 @@ def run_ranks(
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
+    failed_at = None
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > 15:
+            break  # a rank failed and the others still wait for it in a collective
+        time.sleep(0.05)
     hung = [r for r, p in enumerate(procs) if p.is_alive()]
     for p in procs:
         if p.is_alive():
@@ -92,10 +109,12 @@ def run_ranks(
     for r in range(world):
         path = directory / f"error{r}.txt"
         errors.append(path.read_text() if path.exists() else None)
-    if hung:
+    if hung and failed_at is None:
         raise AssertionError(
             f"ranks {hung} still ran after {timeout} s (a collective hung?); errors: {errors}"
         )
+    for r in hung:  # left waiting for a rank that failed, whose error tells why
+        errors[r] = errors[r] or f"Hung: waited in a collective for the rank(s) that failed.\n{errors}"
     return errors
 
 

@@ -538,11 +538,9 @@ def _cuda_rank(rank: int, world: int, directory: str) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_model_parallel_on_one_gpu_with_nccl(tmp_path) -> None:
     # One NCCL rank (the ranks' agreement then runs on a gloo group of its own; the rule's Gram matrices
-    # on the GPU) against the unsharded single-device run. Spawned: this process may hold CUDA.
+    # on the GPU) against the unsharded single-device run.
     sharded_dir, single_dir = tmp_path / "sharded", tmp_path / "single"
-    assert_ok(
-        run_ranks(_cuda_rank, sharded_dir, str(sharded_dir), world=1, start_method="spawn", timeout=300)
-    )
+    assert_ok(run_ranks(_cuda_rank, sharded_dir, str(sharded_dir), world=1, timeout=300))
     single_dir.mkdir()
     _fit(str(single_dir), 1, per_rank=16, steps=4, accelerator="cuda")
     sharded, single = torch.load(sharded_dir / "rank0.pt"), torch.load(single_dir / "rank0.pt")
