@@ -22,6 +22,7 @@ __all__ = [
     "buffers_kept",
     "check_graph",
     "check_strided",
+    "losses_reaching",
     "post_accumulate_grad_hooks_held",
     "reaches_parameters",
     "run_post_accumulate_grad_hooks",
@@ -113,6 +114,44 @@ def check_graph(
                     "embeddings included, rather than its `.encoder`), or freeze it."
                 )
             stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+def losses_reaching(
+    losses: Mapping[str, Tensor], captured: Mapping[str, Sequence[CapturedOutput]]
+) -> dict[str, list[str]]:
+    """Encoder -> the names of the losses whose graph reaches one of its captured outputs (in the order
+    of ``losses``), from a walk of the heads' nodes only (the walk stops at the outputs).
+
+    One walk for all losses: every node's set of reachable encoders is computed once (post-order), so
+    the shared part of the heads (a fusion head and the losses' sums) is visited once.
+    """
+    stops = {o.alias.grad_fn: enc for enc, outs in captured.items() for o in outs}
+    below: dict[object, frozenset[str]] = {}
+    empty: frozenset[str] = frozenset()
+    for loss in losses.values():
+        root = loss.grad_fn
+        stack: list[tuple[object, bool]] = [(root, False)]
+        while stack:
+            node, done = stack.pop()
+            if node is None or (not done and node in below):
+                continue
+            if node in stops:
+                below[node] = frozenset((stops[node],))
+                continue
+            children = [n for n, _ in node.next_functions if n is not None]  # type: ignore[attr-defined]
+            if done:
+                reached: set[str] = set()
+                for child in children:
+                    reached |= below.get(child, empty)
+                below[node] = frozenset(reached)
+            else:
+                stack.append((node, True))
+                stack.extend((child, False) for child in children if child not in below)
+    reach: dict[str, list[str]] = {enc: [] for enc in captured}
+    for name, loss in losses.items():
+        for enc in below.get(loss.grad_fn, empty):
+            reach[enc].append(name)
+    return reach
 
 
 def reaches_parameters(loss: Tensor, parameter_ids: set[int]) -> bool:

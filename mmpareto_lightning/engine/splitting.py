@@ -60,6 +60,7 @@ from mmpareto_lightning.engine.safeguards import (
     buffers_kept,
     check_graph,
     check_strided,
+    losses_reaching,
     post_accumulate_grad_hooks_held,
     reaches_parameters,
     run_post_accumulate_grad_hooks,
@@ -344,23 +345,18 @@ class GradientSplitter:
             # Through the heads' and the extra passes: released before the ordinary backward.
             self._release_gathered = keep_gathered(self._fsdp_modules.values())
 
-        # Head-level cotangents: cot[loss][i] is d(scaled loss)/d(output i), None if it does not depend.
         scaled = {n: scale_fn(loss) for n, loss in losses.items()}
-        cot: dict[str, list[Tensor | None]] = {}
-        with RetainedGraphCompile(self.compiled):
-            for n in names:
-                if outputs:
-                    cot[n] = list(
-                        torch.autograd.grad(scaled[n], outputs, retain_graph=True, allow_unused=True)
-                    )
-                else:
-                    cot[n] = []
-
         new_window = not (accumulate and self._window_open)
         if new_window:
             self.layouts = {}
-        step_layouts = self._assign_objectives(present, losses, cot, owner, new_window, reach)
-        if self.sharded is None:  # sharded: checked before the ranks agree
+        if self.sharded is not None:
+            # Head-level cotangents of every loss: cot[loss][i] is d(scaled loss)/d(output i).
+            cot = self._cotangents(names, scaled, outputs)
+            step_layouts = self._assign_objectives(present, losses, cot, owner, new_window, reach)
+        else:
+            # Which losses reach which encoder, from a walk of the heads' nodes (no backward needed).
+            walked = losses_reaching(losses, {enc: self._capture.outputs[enc] for enc in present})
+            step_layouts = self._assign_objectives(present, losses, None, owner, new_window, walked)
             check_graph(
                 losses, self._capture.outputs, step_layouts, self._owner, self._describe, self._inspect
             )
@@ -378,7 +374,12 @@ class GradientSplitter:
                         step_layouts, cot, owner, outputs, self.sharded.graph_tensors
                     )
                 else:
-                    self._extra_vjps(step_layouts, cot, owner, outputs)
+                    self._extra_objectives(step_layouts, scaled, losses)
+        if self.sharded is None:
+            # The main objective's cotangents, for the ordinary backward's hooks: one call for every
+            # encoder whose main loss reaches no other encoder (the usual unimodal losses).
+            mains = {enc: encoder_loss or self.layouts[enc].objectives[1] for enc in present}
+            cot = self._main_cotangents(mains, walked, scaled, outputs, owner)
 
         finite = torch.stack([torch.isfinite(losses[n].detach()).all() for n in names])
         if new_window or self.loss_finite is None or names != self.loss_names:
@@ -554,49 +555,101 @@ class GradientSplitter:
             self.layouts.setdefault(enc, step[enc])
         return step
 
-    def _extra_vjps(
+    def _cotangents(
+        self, names: Sequence[str], scaled: Mapping[str, Tensor], outputs: list[Tensor]
+    ) -> dict[str, list[Tensor | None]]:
+        """Every loss's cotangent at every captured output (one backward through the heads per loss)."""
+        cot: dict[str, list[Tensor | None]] = {}
+        with RetainedGraphCompile(self.compiled):
+            for n in names:
+                if outputs:
+                    cot[n] = list(
+                        torch.autograd.grad(scaled[n], outputs, retain_graph=True, allow_unused=True)
+                    )
+                else:
+                    cot[n] = []
+        return cot
+
+    def _main_cotangents(
+        self,
+        mains: Mapping[str, str],
+        walked: Mapping[str, list[str]],
+        scaled: Mapping[str, Tensor],
+        outputs: list[Tensor],
+        owner: list[str],
+    ) -> dict[str, list[Tensor | None]]:
+        """The cotangents of each encoder's main loss at that encoder's outputs (None elsewhere).
+
+        Main losses that reach only their own encoder are differentiated together, in one backward
+        through the heads: each output then receives its own encoder's main loss alone. A main loss
+        that reaches other encoders (a shared one) gets a backward of its own.
+        """
+        shared = {mains[enc] for enc in mains if sum(mains[enc] in walked[e] for e in walked) > 1}
+        groups: list[list[str]] = []
+        alone = [enc for enc in mains if mains[enc] not in shared]
+        if alone:
+            groups.append(alone)
+        for name in dict.fromkeys(mains[enc] for enc in mains if mains[enc] in shared):
+            groups.append([enc for enc in mains if mains[enc] == name])
+        cot: dict[str, list[Tensor | None]] = {name: [None] * len(outputs) for name in set(mains.values())}
+        with RetainedGraphCompile(self.compiled):
+            for group in groups:
+                index = [i for i, o in enumerate(owner) if o in group]
+                roots = list(dict.fromkeys(mains[enc] for enc in group))
+                grads = torch.autograd.grad(
+                    [scaled[n] for n in roots],
+                    [outputs[i] for i in index],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                for i, g in zip(index, grads, strict=True):
+                    cot[mains[owner[i]]][i] = g
+        return cot
+
+    def _extra_objectives(
         self,
         layouts: Mapping[str, EncoderObjectives],
-        cot: Mapping[str, list[Tensor | None]],
-        owner: list[str],
-        outputs: list[Tensor],
+        scaled: Mapping[str, Tensor],
+        losses: Mapping[str, Tensor],
     ) -> None:
-        # Round r differentiates, for every encoder that has one, its r-th extra objective: all encoders
-        # go through a single autograd call, so the paper's setting costs one extra encoder backward.
+        """Every extra objective's gradient on the encoders it reaches, straight from the loss: round r
+        differentiates, for every encoder that has one, its r-th extra objective, one backward per loss
+        of the round (in the paper's setting: one, the multimodal loss over every encoder)."""
         extra_index = {name: [0, *range(2, len(layout.objectives))] for name, layout in layouts.items()}
         rounds = max((len(v) for v in extra_index.values()), default=0)
         for r in range(rounds):
-            outs, cots, params, targets = [], [], [], []
+            by_loss: dict[str, list[tuple[EncoderObjectives, int]]] = {}
             for enc, layout in layouts.items():
-                if r >= len(extra_index[enc]):
-                    continue
-                k = extra_index[enc][r]
-                objective = layout.objectives[k]
-                for i, o in enumerate(owner):
-                    c = cot[objective][i]
-                    if o == enc and c is not None:
-                        outs.append(outputs[i])
-                        cots.append(c)
-                params.extend(layout.params)
-                targets.append((layout, k))
-            grads = torch.autograd.grad(outs, params, cots, retain_graph=True, allow_unused=True)
-            check_strided(grads, params, self._describe)
-            start = 0
-            for layout, k in targets:
-                new = []
-                for i, (p, g) in enumerate(zip(layout.params, grads[start:], strict=False)):
-                    if g is None:
-                        g = torch.zeros_like(p)
+                if r < len(extra_index[enc]):
+                    k = extra_index[enc][r]
+                    by_loss.setdefault(layout.objectives[k], []).append((layout, k))
+            for name, targets in by_loss.items():
+                params = [p for layout, _ in targets for p in layout.params]
+                grads = torch.autograd.grad(scaled[name], params, retain_graph=True, allow_unused=True)
+                check_strided(grads, params, self._describe)
+                start = 0
+                for layout, k in targets:
+                    own = grads[start : start + len(layout.params)]
+                    start += len(layout.params)
+                    if k == 0 and all(g is None for g in own):
+                        # The graph reaches the encoder's output, but no gradient flows back (a custom
+                        # function that returns none): as if the loss did not depend on the encoder.
+                        raise GradientSplittingError(
+                            self._not_reaching(layout.name, name, "multimodal", losses[name])
+                        )
+                    new = []
+                    for i, (p, g) in enumerate(zip(layout.params, own, strict=True)):
+                        if g is None:
+                            g = torch.zeros_like(p)
+                        else:
+                            layout.reached[i] = True
+                        new.append(g)
+                    if not layout.grads:
+                        layout.grads = [[] for _ in layout.objectives]
+                    if layout.grads[k]:
+                        torch._foreach_add_(layout.grads[k], new)
                     else:
-                        layout.reached[i] = True
-                    new.append(g)
-                start += len(layout.params)
-                if not layout.grads:
-                    layout.grads = [[] for _ in layout.objectives]
-                if layout.grads[k]:
-                    torch._foreach_add_(layout.grads[k], new)
-                else:
-                    layout.grads[k] = new
+                        layout.grads[k] = new
 
     def _conform(self, agreed: Mapping[str, Sequence[str]]) -> None:
         """Make the window's layouts the agreed ones: every encoder that takes part on some rank, with the
