@@ -224,14 +224,14 @@ def check_strided(
 
 
 @contextmanager
-def buffers_kept(modules: Mapping[str, nn.Module], snapshots: dict[str, list[Tensor]]) -> Iterator[None]:
-    """Keep the encoders' buffers (BatchNorm statistics) as they are across the extra backward.
+def buffers_kept(buffers: Mapping[str, list[Tensor]], snapshots: dict[str, list[Tensor]]) -> Iterator[None]:
+    """Keep the encoders' buffers (BatchNorm statistics; ``encoder -> its buffers now``) as they are
+    across the extra backward.
 
     Under non-reentrant activation checkpointing every backward recomputes the forward, which would
     update running statistics once more than plain training does. The buffers are copied into
     persistent snapshots before (one multi-tensor copy, no allocation) and back after.
     """
-    buffers = {enc: list(module.buffers()) for enc, module in modules.items()}
     for enc, bs in buffers.items():
         kept = snapshots.get(enc)
         if (

@@ -181,6 +181,10 @@ class GradientSplitter:
         # Sharded: the FSDP modules that ran forward in the step, and how to let them reshard again.
         self._fsdp_modules: dict[int, nn.Module] = {}
         self._release_gathered: Callable[[], None] = sharded_split.nothing
+        # Each encoder's modules, listed once: its parameters and buffers are then read from their own
+        # dicts every step (a module walk per step costs milliseconds on a ResNet; reading the dicts
+        # still sees a parameter or buffer reassigned or registered later).
+        self._modules = {name: list(module.modules()) for name, module in self.encoders.items()}
         self._params = {name: self._all_params(name) for name in self.encoders}
         # Encoder parameters whose post-accumulate-grad hooks were held in this window's backward passes.
         self._held_hooks: dict[int, Tensor] = {}
@@ -230,8 +234,24 @@ class GradientSplitter:
         return [p for p in self._all_params(name) if p.requires_grad]
 
     def _all_params(self, name: str) -> list[nn.Parameter]:
-        params = self.sharded.parameters(name) if self.sharded else self.encoders[name].parameters()
-        return list(params)
+        """Every parameter of encoder ``name`` in ``module.parameters()``'s order (sharded: the shards)."""
+        if self.sharded:
+            return list(self.sharded.parameters(name))
+        seen: dict[int, nn.Parameter] = {}
+        for module in self._modules[name]:
+            for p in module._parameters.values():
+                if p is not None:
+                    seen.setdefault(id(p), p)  # type: ignore[arg-type]
+        return list(seen.values())
+
+    def _all_buffers(self, name: str) -> list[Tensor]:
+        """Every buffer of encoder ``name`` now, in ``module.buffers()``'s order."""
+        seen: dict[int, Tensor] = {}
+        for module in self._modules[name]:
+            for b in module._buffers.values():
+                if b is not None:
+                    seen.setdefault(id(b), b)
+        return list(seen.values())
 
     def holding_post_accumulate_grad_hooks(self) -> AbstractContextManager[None]:
         """Hold the post-accumulate-grad hooks of the encoders' trainable parameters during a backward
@@ -366,7 +386,7 @@ class GradientSplitter:
             agreed = agree(mine, self.absent_encoders())
         if encoder_loss is None:
             with (
-                buffers_kept({enc: self.encoders[enc] for enc in step_layouts}, self._snapshots),
+                buffers_kept({enc: self._all_buffers(enc) for enc in step_layouts}, self._snapshots),
                 RetainedGraphCompile(self.compiled),
             ):
                 if self.sharded is not None:
@@ -438,7 +458,7 @@ class GradientSplitter:
         return [
             name
             for name, module in self.encoders.items()
-            if not self._capture.outputs[name] and any(p.requires_grad for p in module.parameters())
+            if not self._capture.outputs[name] and any(p.requires_grad for p in self._all_params(name))
         ]
 
     # ------------------------------------------------------------------ internals
@@ -482,7 +502,7 @@ class GradientSplitter:
         """Encoders that take part in this step: trainable and called (their output captured)."""
         present = []
         for name in self.encoders:
-            trainable = any(p.requires_grad for p in self.encoders[name].parameters())
+            trainable = any(p.requires_grad for p in self._all_params(name))
             called = bool(self._capture.outputs[name])
             if trainable and called:
                 present.append(name)
