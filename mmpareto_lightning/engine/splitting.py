@@ -4,18 +4,21 @@ The scheme (``SPEC.md`` section 5):
 
 1. The encoders' outputs are captured behind a fresh autograd boundary during the forward
    (:mod:`mmpareto_lightning.engine.capture`).
-2. The head-level cotangents ``dL_j / dz_k`` of every loss are taken with ``torch.autograd.grad``; this
-   only differentiates the heads, which is cheap, and tells which losses reach which encoder.
+2. A walk of the heads' autograd nodes (no backward) tells which losses reach which encoder's outputs.
 3. For every encoder, one objective (its own unimodal loss) is the *main* objective; the others (the
    multimodal loss, plus any extra loss that reaches it) are *extra* objectives. Their encoder gradients
-   are vector-Jacobian products of ``z_k`` with their cotangents: one extra backward through the
-   encoders per extra objective, batched over all encoders (the paper's setting needs exactly one).
-   Autograd hands back one fresh tensor per parameter, exactly as the ordinary backward does for
-   ``.grad``: no flat copy, no add.
-4. The ordinary backward of the summed loss then runs unchanged (so DDP's gradient bucketing and AMP's
-   loss scaling keep working) with a hook on each ``z_k`` that replaces its incoming gradient by the main
-   objective's cotangent: the encoders' ``.grad`` become exactly the main objective's gradient, while the
-   heads get the usual gradient of the summed loss.
+   come straight from their losses (:mod:`.backward_calls`): one backward per extra loss, over every
+   encoder it reaches (the paper's setting needs exactly one), each gradient exactly what plain
+   ``torch.autograd.grad`` of that loss gives. Autograd hands back one fresh tensor per parameter: no
+   flat copy, no add.
+4. One backward through the heads alone gives every encoder's main cotangent ``dL_k / dz_k`` at its
+   outputs. The ordinary backward of the summed loss then runs unchanged (so DDP's gradient bucketing
+   and AMP's loss scaling keep working) with a hook on each ``z_k`` that replaces its incoming gradient by
+   that cotangent: the encoders' ``.grad`` become exactly the main objective's gradient, while the heads
+   get the usual gradient of the summed loss.
+
+Under FSDP2 the extra objectives' gradients come from real backward passes that FSDP reduce-scatters
+(:mod:`.sharded_split`).
 
 The layout follows the model as it changes: an encoder's trainable parameters are read every step (so
 freezing and unfreezing during a fit work), a fully frozen encoder is skipped, and an encoder that was
@@ -35,7 +38,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -48,12 +50,20 @@ from mmpareto_lightning.distributed.sharded import (
     local_tensors,
 )
 from mmpareto_lightning.engine import sharded_split
+from mmpareto_lightning.engine.backward_calls import Replace, cotangents, extra_objectives, main_cotangents
 from mmpareto_lightning.engine.capture import OutputCapture
 from mmpareto_lightning.engine.compiled import (
     RetainedGraphCompile,
     has_compiled_modules,
     is_compiled_region,
     refuse_donated,
+)
+from mmpareto_lightning.engine.objectives import (
+    RESERVED_LOSS_KEYS,
+    EncoderObjectives,
+    no_output_message,
+    not_reaching_message,
+    validate_losses,
 )
 from mmpareto_lightning.engine.safeguards import (
     GradientSplittingError,
@@ -62,46 +72,10 @@ from mmpareto_lightning.engine.safeguards import (
     check_strided,
     losses_reaching,
     post_accumulate_grad_hooks_held,
-    reaches_parameters,
     run_post_accumulate_grad_hooks,
 )
 
 __all__ = ["RESERVED_LOSS_KEYS", "AgreeFn", "EncoderObjectives", "GradientSplitter", "GradientSplittingError"]
-
-# "loss" is what Lightning users return for automatic optimization; here it would be one more objective
-# (counting the others twice when it is their sum), so it is refused.
-RESERVED_LOSS_KEYS: tuple[str, ...] = ("loss",)
-
-
-@dataclass
-class EncoderObjectives:
-    """The gradient layout of one encoder in the current step (or accumulation window).
-
-    Attributes:
-        name: the encoder's name (also the key of its unimodal loss).
-        params: the encoder's trainable parameters this step, in layout order.
-        objectives: names of the losses that reach the encoder; ``objectives[0]`` is the multimodal loss,
-            ``objectives[1]`` the encoder's own loss, then the others in the order the losses were given.
-        grads: per objective, one gradient tensor per parameter, valid after
-            :meth:`GradientSplitter.backward` until :meth:`GradientSplitter.close_window`. ``grads[1]``
-            are the parameters' ``.grad`` tensors themselves.
-        reached: per parameter, whether any loss reached it in the window (plain autograd leaves the
-            others' ``.grad`` at ``None``, and so does the engine after the rule).
-    """
-
-    name: str
-    params: list[nn.Parameter]
-    objectives: list[str] = field(default_factory=list)
-    grads: list[list[Tensor]] = field(default_factory=list)
-    reached: list[bool] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.reached = [False] * len(self.params)
-
-    @property
-    def numel(self) -> int:
-        return sum(p.numel() for p in self.params)
-
 
 _BackwardFn = Callable[[Tensor], None]
 _ScaleFn = Callable[[Tensor], Tensor]
@@ -341,7 +315,7 @@ class GradientSplitter:
     ) -> dict[str, EncoderObjectives]:
         if self.sharded is not None:
             self.sharded.begin()
-        losses = self.validate_losses(losses)
+        losses = validate_losses(losses, self.multimodal_key)
         modified = self._capture.modified_in_place()
         if modified:
             raise GradientSplittingError(
@@ -371,7 +345,7 @@ class GradientSplitter:
             self.layouts = {}
         if self.sharded is not None:
             # Head-level cotangents of every loss: cot[loss][i] is d(scaled loss)/d(output i).
-            cot = self._cotangents(names, scaled, outputs)
+            cot = cotangents(names, scaled, outputs, self.compiled)
             step_layouts = self._assign_objectives(present, losses, cot, owner, new_window, reach)
         else:
             # Which losses reach which encoder, from a walk of the heads' nodes (no backward needed).
@@ -394,12 +368,12 @@ class GradientSplitter:
                         step_layouts, cot, owner, outputs, self.sharded.graph_tensors
                     )
                 else:
-                    self._extra_objectives(step_layouts, scaled, losses)
+                    extra_objectives(step_layouts, scaled, losses, self._describe, self._not_reaching)
         if self.sharded is None:
             # The main objective's cotangents, for the ordinary backward's hooks: one call for every
             # encoder whose main loss reaches no other encoder (the usual unimodal losses).
             mains = {enc: encoder_loss or self.layouts[enc].objectives[1] for enc in present}
-            cot = self._main_cotangents(mains, walked, scaled, outputs, owner)
+            cot = main_cotangents(mains, walked, scaled, outputs, owner, self.compiled)
 
         finite = torch.stack([torch.isfinite(losses[n].detach()).all() for n in names])
         if new_window or self.loss_finite is None or names != self.loss_names:
@@ -419,7 +393,7 @@ class GradientSplitter:
         for i, (out, enc) in enumerate(zip(outputs, owner, strict=True)):
             main = cot[encoder_loss or self.layouts[enc].objectives[1]][i]
             replacement = main if main is not None else torch.zeros_like(out)
-            handles.append(out.register_hook(_Replace(replacement)))
+            handles.append(out.register_hook(Replace(replacement)))
         params = [p for layout in self.layouts.values() for p in layout.params]
         total = sum(losses.values())
         if self.sharded is not None:
@@ -462,42 +436,6 @@ class GradientSplitter:
         ]
 
     # ------------------------------------------------------------------ internals
-    def validate_losses(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Check the named losses (scalar, real floating point, with a graph, the keys required)."""
-        if not isinstance(losses, Mapping):
-            raise GradientSplittingError(
-                f"Losses must be a mapping of name -> scalar loss tensor, got {type(losses).__name__}."
-            )
-        reserved = [k for k in RESERVED_LOSS_KEYS if k in losses]
-        if reserved:
-            raise GradientSplittingError(
-                f"The loss key {reserved[0]!r} is reserved: every named loss is an objective, so a "
-                f"{reserved[0]!r} that sums the others would count them twice. Return only the named "
-                f"losses ({self.multimodal_key!r}, one per encoder, any extra ones); their sum is logged "
-                "as `mmpareto/loss`."
-            )
-        if self.multimodal_key not in losses:
-            raise GradientSplittingError(
-                f"Missing loss {self.multimodal_key!r}: got keys {sorted(losses)}. The multimodal loss must "
-                f"be under {self.multimodal_key!r} and each encoder's unimodal loss under the encoder's name."
-            )
-        checked: dict[str, Tensor] = {}
-        for name, loss in losses.items():
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                what = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
-                raise GradientSplittingError(f"Loss {name!r} must be a scalar tensor, got {what}.")
-            if not loss.is_floating_point():
-                raise GradientSplittingError(
-                    f"Loss {name!r} has dtype {loss.dtype}; a loss must be a real floating-point scalar "
-                    "(integer and complex values have no gradient to integrate)."
-                )
-            if not loss.requires_grad:
-                raise GradientSplittingError(
-                    f"Loss {name!r} does not require grad: it was computed without gradients or detached."
-                )
-            checked[name] = loss.reshape(())
-        return checked
-
     def _present_encoders(self, losses: Mapping[str, Tensor]) -> list[str]:
         """Encoders that take part in this step: trainable and called (their output captured)."""
         present = []
@@ -507,24 +445,7 @@ class GradientSplitter:
             if trainable and called:
                 present.append(name)
             elif trainable and name in losses:
-                opaque = self._capture.opaque[name]
-                if opaque:
-                    raise GradientSplittingError(
-                        f"Encoder {name!r} returned its output inside {_objects(opaque)}, which MMPareto "
-                        "cannot look into: it captures the tensors an encoder's forward returns, alone or "
-                        "in tuples, lists, dicts and dataclasses (ModelOutput included). Return the "
-                        f"tensors (or make {opaque[0]} a dataclass or a NamedTuple) and compute the heads "
-                        "from what the encoder returns."
-                    )
-                raise GradientSplittingError(
-                    f"Encoder {name!r} produced no output that requires grad during the forward pass, but "
-                    f"its loss {name!r} is there. Call the encoder module itself (its forward hook captures "
-                    "the output; calling one of its methods, such as `forward_features`, bypasses the hook) "
-                    "inside the training step, with gradients enabled (reentrant activation "
-                    "checkpointing of inputs that do not require grad also drops the graph: use "
-                    "checkpoint(..., use_reentrant=False)). For a missing modality, leave the encoder "
-                    "uncalled and its loss out."
-                )
+                raise GradientSplittingError(no_output_message(name, self._capture.opaque[name]))
         return present
 
     def _assign_objectives(
@@ -575,102 +496,6 @@ class GradientSplitter:
             self.layouts.setdefault(enc, step[enc])
         return step
 
-    def _cotangents(
-        self, names: Sequence[str], scaled: Mapping[str, Tensor], outputs: list[Tensor]
-    ) -> dict[str, list[Tensor | None]]:
-        """Every loss's cotangent at every captured output (one backward through the heads per loss)."""
-        cot: dict[str, list[Tensor | None]] = {}
-        with RetainedGraphCompile(self.compiled):
-            for n in names:
-                if outputs:
-                    cot[n] = list(
-                        torch.autograd.grad(scaled[n], outputs, retain_graph=True, allow_unused=True)
-                    )
-                else:
-                    cot[n] = []
-        return cot
-
-    def _main_cotangents(
-        self,
-        mains: Mapping[str, str],
-        walked: Mapping[str, list[str]],
-        scaled: Mapping[str, Tensor],
-        outputs: list[Tensor],
-        owner: list[str],
-    ) -> dict[str, list[Tensor | None]]:
-        """The cotangents of each encoder's main loss at that encoder's outputs (None elsewhere).
-
-        Main losses that reach only their own encoder are differentiated together, in one backward
-        through the heads: each output then receives its own encoder's main loss alone. A main loss
-        that reaches other encoders (a shared one) gets a backward of its own.
-        """
-        shared = {mains[enc] for enc in mains if sum(mains[enc] in walked[e] for e in walked) > 1}
-        groups: list[list[str]] = []
-        alone = [enc for enc in mains if mains[enc] not in shared]
-        if alone:
-            groups.append(alone)
-        for name in dict.fromkeys(mains[enc] for enc in mains if mains[enc] in shared):
-            groups.append([enc for enc in mains if mains[enc] == name])
-        cot: dict[str, list[Tensor | None]] = {name: [None] * len(outputs) for name in set(mains.values())}
-        with RetainedGraphCompile(self.compiled):
-            for group in groups:
-                index = [i for i, o in enumerate(owner) if o in group]
-                roots = list(dict.fromkeys(mains[enc] for enc in group))
-                grads = torch.autograd.grad(
-                    [scaled[n] for n in roots],
-                    [outputs[i] for i in index],
-                    retain_graph=True,
-                    allow_unused=True,
-                )
-                for i, g in zip(index, grads, strict=True):
-                    cot[mains[owner[i]]][i] = g
-        return cot
-
-    def _extra_objectives(
-        self,
-        layouts: Mapping[str, EncoderObjectives],
-        scaled: Mapping[str, Tensor],
-        losses: Mapping[str, Tensor],
-    ) -> None:
-        """Every extra objective's gradient on the encoders it reaches, straight from the loss: round r
-        differentiates, for every encoder that has one, its r-th extra objective, one backward per loss
-        of the round (in the paper's setting: one, the multimodal loss over every encoder)."""
-        extra_index = {name: [0, *range(2, len(layout.objectives))] for name, layout in layouts.items()}
-        rounds = max((len(v) for v in extra_index.values()), default=0)
-        for r in range(rounds):
-            by_loss: dict[str, list[tuple[EncoderObjectives, int]]] = {}
-            for enc, layout in layouts.items():
-                if r < len(extra_index[enc]):
-                    k = extra_index[enc][r]
-                    by_loss.setdefault(layout.objectives[k], []).append((layout, k))
-            for name, targets in by_loss.items():
-                params = [p for layout, _ in targets for p in layout.params]
-                grads = torch.autograd.grad(scaled[name], params, retain_graph=True, allow_unused=True)
-                check_strided(grads, params, self._describe)
-                start = 0
-                for layout, k in targets:
-                    own = grads[start : start + len(layout.params)]
-                    start += len(layout.params)
-                    if k == 0 and all(g is None for g in own):
-                        # The graph reaches the encoder's output, but no gradient flows back (a custom
-                        # function that returns none): as if the loss did not depend on the encoder.
-                        raise GradientSplittingError(
-                            self._not_reaching(layout.name, name, "multimodal", losses[name])
-                        )
-                    new = []
-                    for i, (p, g) in enumerate(zip(layout.params, own, strict=True)):
-                        if g is None:
-                            g = torch.zeros_like(p)
-                        else:
-                            layout.reached[i] = True
-                        new.append(g)
-                    if not layout.grads:
-                        layout.grads = [[] for _ in layout.objectives]
-                    if layout.grads[k]:
-                        torch._foreach_add_(layout.grads[k], new)
-                    else:
-                        layout.grads[k] = new
-
     def _conform(self, agreed: Mapping[str, Sequence[str]]) -> None:
         """Make the window's layouts the agreed ones: every encoder that takes part on some rank, with the
         union of the ranks' objectives, in encoder order. What this rank lacks enters with zeros, its
@@ -706,46 +531,14 @@ class GradientSplitter:
             refuse_donated(node, where)
             self.compiled = True
 
+    def validate_losses(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Check the named losses (scalar, real floating point, with a graph, the keys required)."""
+        return validate_losses(losses, self.multimodal_key)
+
     def _not_reaching(self, enc: str, loss_name: str, role: str, loss: Tensor) -> str:
         """Why a required loss does not reach the captured output of ``enc`` (on the error path only)."""
-        params = {id(p) for p in self.encoders[enc].parameters()}
-        if not reaches_parameters(loss, params):
-            return (
-                f"The {role} loss {loss_name!r} does not depend on encoder {enc!r}, so there is nothing "
-                "to integrate. Compute it from that encoder's output (for the unimodal loss: a unimodal "
-                "head on the encoder's features)."
-            )
-        opaque = self._capture.opaque[enc]
-        path = (
-            f"the encoder returned part of its output inside {_objects(opaque)}, which MMPareto cannot "
-            "look into, or "
-            if opaque
-            else ""
-        )
-        return (
-            f"The {role} loss {loss_name!r} depends on encoder {enc!r}, but not through the output "
-            f"MMPareto captured from the encoder's forward: {path}a head reads a tensor the encoder did "
-            "not return (stashed on the module, e.g. `self.features = z` read as `encoder.features`, or "
-            "an intermediate feature). The per-loss gradients are split at the tensors the encoder's "
-            "forward returns (alone or in tuples, lists, dicts and dataclasses): return the features "
-            "from `forward` and compute every head from that return value."
-        )
+        return not_reaching_message(enc, loss_name, role, loss, self.encoders[enc], self._capture.opaque[enc])
 
     def _describe(self, parameter: Tensor) -> str:
         name = self._param_names.get(id(parameter))
         return f"{name!r} (shape {tuple(parameter.shape)})" if name else f"of shape {tuple(parameter.shape)}"
-
-
-def _objects(type_names: Sequence[str]) -> str:
-    listed = " / ".join(f"a {n}" for n in type_names)
-    return f"{listed} object" if len(type_names) == 1 else f"{listed} objects"
-
-
-class _Replace:
-    """Tensor hook: hand autograd a fixed gradient instead of the incoming one."""
-
-    def __init__(self, replacement: Tensor) -> None:
-        self.replacement = replacement
-
-    def __call__(self, grad: Tensor) -> Tensor:
-        return self.replacement
