@@ -15,9 +15,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torchmetrics import Metric
 
-from mmpareto_lightning.distributed import HostExchange, all_ranks, mean_across_ranks
+from mmpareto_lightning.distributed import all_ranks, mean_across_ranks
 from mmpareto_lightning.engine import GradientSplittingError, MMParetoEngine
 from mmpareto_lightning.engine.compiled import has_compiled_modules
+from mmpareto_lightning.lightning.agreement import RankAgreement
 from mmpareto_lightning.lightning.fit_checks import (
     check_ddp_reducer,
     check_optimizer,
@@ -27,6 +28,12 @@ from mmpareto_lightning.lightning.fit_checks import (
 )
 from mmpareto_lightning.lightning.metrics import MMParetoMetrics
 from mmpareto_lightning.lightning.module import MMParetoModule, attach_driver, detach_driver, ensure_wrapped
+from mmpareto_lightning.lightning.recording import (
+    Totals,
+    is_logging_step,
+    monitored_keys,
+    skipped_step_message,
+)
 from mmpareto_lightning.lightning.sharding import check_sharded_module, is_sharded_strategy
 from mmpareto_lightning.lightning.stepping import OptimizationBookkeeping
 from mmpareto_lightning.rule import RESCALE_MODES, STRATEGIES, RuleConfig, RuleStats
@@ -170,13 +177,10 @@ class MMParetoCallback(Callback):
         self._engine: MMParetoEngine | None = None
         self._metrics: MMParetoMetrics | None = None
         self._module: MMParetoModule | None = None
-        self._totals: dict[str, Tensor] = {}
-        self._loaded_totals: dict[str, dict[str, int]] = {}
-        self._skipped_tensor = torch.zeros(())
+        self._totals = Totals()
         # Data parallel: host-side exchanges between the ranks, and whether DDP needs every encoder
         # called on every rank (find_unused_parameters=False).
-        self._exchange: HostExchange | None = None
-        self._every_encoder_needed = False
+        self._ranks: RankAgreement | None = None
 
     # ------------------------------------------------------------------ settings shown to users
     @property
@@ -252,13 +256,7 @@ class MMParetoCallback(Callback):
         self._metrics = MMParetoMetrics(list(encoders)).to(pl_module.device)
         # torchmetrics objects logged with `self.log` must be attributes of the LightningModule.
         pl_module.mmpareto_metrics = self._metrics
-        self._totals = {}
-        for name in encoders:
-            loaded = self._loaded_totals.get(name, {})
-            counts = [loaded.get("conflicts", 0), loaded.get("stationary", 0)]
-            self._totals[name] = torch.tensor(counts, dtype=torch.float32, device=pl_module.device)
-        # Logged every step: a device tensor, since logging a Python number copies it to the device.
-        self._skipped_tensor = torch.tensor(float(self.skipped_steps), device=pl_module.device)
+        self._totals.start(encoders, self.skipped_steps, pl_module.device)
 
     def _prepare_sharded(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """FSDP2: `configure_model`, which runs after `setup`, replaced the parameters by shards (or
@@ -289,8 +287,7 @@ class MMParetoCallback(Callback):
             check_parameters(trainer, pl_module, self._engine.splitter.encoders, clipping)
         if self._metrics is not None:
             self._metrics.to(pl_module.device)
-            self._totals = {k: v.to(pl_module.device) for k, v in self._totals.items()}
-            self._skipped_tensor = self._skipped_tensor.to(pl_module.device)
+            self._totals.to(pl_module.device)
         if self._engine is not None:
             # After configure_model and the strategy's setup: the parameters the optimizer steps.
             encoder_params = self._engine.splitter.encoder_of
@@ -300,15 +297,19 @@ class MMParetoCallback(Callback):
         self._totals_every_step = (
             self.log_totals_every_step
             if self.log_totals_every_step is not None
-            else any(key.startswith("mmpareto/") for key in _monitored_keys(trainer, pl_module))
+            else any(key.startswith("mmpareto/") for key in monitored_keys(trainer, pl_module))
         )
         if trainer.world_size > 1 and not is_sharded_strategy(trainer.strategy):
             # After the strategy's setup: the process group exists and the model is wrapped. (Under
             # FSDP the ranks agree on each step's backward passes in the engine instead.)
-            self._exchange = HostExchange()
             strategy = trainer.strategy
-            self._every_encoder_needed = isinstance(strategy, DDPStrategy) and not getattr(
-                strategy.model, "find_unused_parameters", strategy._ddp_kwargs.get("find_unused_parameters")
+            self._ranks = RankAgreement(
+                every_encoder_needed=isinstance(strategy, DDPStrategy)
+                and not getattr(
+                    strategy.model,
+                    "find_unused_parameters",
+                    strategy._ddp_kwargs.get("find_unused_parameters"),
+                )
             )
 
     def on_exception(
@@ -332,10 +333,9 @@ class MMParetoCallback(Callback):
             detach_driver(self._module, self)
             self._module = None
         self.in_step = False
-        if self._exchange is not None:
-            self._exchange.close()
-            self._exchange = None
-        self._every_encoder_needed = False
+        if self._ranks is not None:
+            self._ranks.close()
+            self._ranks = None
         self.bookkeeping.release_trainer_settings(trainer)
 
     def on_load_checkpoint(
@@ -419,8 +419,8 @@ class MMParetoCallback(Callback):
         # objectives whose gradients are averaged (the split) and, for DDP without
         # find_unused_parameters, on every encoder having been called.
         agree = None
-        if last and self._exchange is not None and (self.diagnostics or self._every_encoder_needed):
-            agree = self._agree
+        if last and self._ranks is not None and (self.diagnostics or self._ranks.every_encoder_needed):
+            agree = self._ranks
         with sync:
             try:
                 if not self.diagnostics and self.rule.strategy == "uniform":
@@ -451,7 +451,7 @@ class MMParetoCallback(Callback):
             batch_loss if new_window or self._window_loss is None else self._window_loss + batch_loss
         )
         self._metrics.update_losses(loss_values)
-        if self.log_on_step and _is_logging_step(trainer):
+        if self.log_on_step and is_logging_step(trainer):
             pl_module.log_dict(self._metrics.loss_step_values(loss_values), on_step=True, on_epoch=False)
         return {"loss": loss_values["loss"], **detached}
 
@@ -483,7 +483,7 @@ class MMParetoCallback(Callback):
                 finite = all_ranks(finite)
         # Metrics are updated before the finite check reads the device, so their kernels are queued
         # while the GPU still works on the backward.
-        self._record(pl_module, stats, finite, _is_logging_step(trainer))
+        self._record(pl_module, stats, finite, is_logging_step(trainer))
         skip = finite is not None and not bool(finite)  # the step's single host synchronisation
         if skip:
             self._engine.splitter.discard_post_accumulate_grad_hooks()
@@ -493,57 +493,11 @@ class MMParetoCallback(Callback):
             self._engine.splitter.run_post_accumulate_grad_hooks()
         self.bookkeeping.step(trainer, pl_module, optimizer, skip=skip, loss=self._window_loss)
 
-    def _agree(self, objectives: dict[str, list[str]], absent: list[str]) -> dict[str, list[str]]:
-        """What every rank integrates this step: the union of the ranks' objectives per encoder.
-
-        One exchange of host values (:meth:`HostExchange.differing`: two integers when the ranks agree,
-        which is the common case). Every rank reaches the same answer, so a refusal is raised on all of
-        them and none is left waiting in DDP's all-reduce.
-        """
-        assert self._exchange is not None
-        mine = (tuple((enc, tuple(names)) for enc, names in objectives.items()), tuple(absent))
-        gathered = self._exchange.differing(mine)
-        everyone = [mine] if gathered is None else gathered
-        if self._every_encoder_needed and any(a for _, a in everyone):
-            where = (
-                f"on every rank ({sorted(absent)})"
-                if gathered is None
-                else ", ".join(f"{sorted(a)} on rank {r}" for r, (_, a) in enumerate(everyone) if a)
-            )
-            raise MisconfigurationException(
-                f"An encoder was not called in this step (a missing modality): {where}. DDP with "
-                "`find_unused_parameters=False` needs a gradient for every parameter on every rank and "
-                "would abort (or hang) in its all-reduce. Use `strategy='ddp_find_unused_parameters_true'` "
-                "(or `DDPStrategy(find_unused_parameters=True)`): MMPareto then integrates the ranks' "
-                "average gradients, to which a rank without the modality contributes zeros."
-            )
-        union: dict[str, list[str]] = {}
-        for encoders, _ in everyone:
-            for enc, names in encoders:
-                merged = union.setdefault(enc, [])
-                merged.extend(n for n in names if n not in merged)
-        return union
-
     def _warn_skipped(self, pl_module: MMParetoModule, stats: Mapping[str, RuleStats]) -> None:
         assert self._engine is not None
-        self._skipped_tensor.add_(1)
-        bad_losses = self._engine.non_finite_losses()
-        bad_encoders = [name for name, s in stats.items() if not bool(s.finite)]
-        too_large = [name for name, s in stats.items() if bool(s.finite) and not bool(s.fits)]
-        beyond = (
-            f"; the integrated gradient of {too_large} does not fit the gradients' dtype (finite inputs, "
-            "but the rescaled step would exceed its range: lower the learning rate or the loss scale)"
-            if too_large
-            else ""
-        )
-        rank_zero_warn(
-            f"MMPareto: non-finite values at global step {pl_module.trainer.global_step}: "
-            f"loss(es) {bad_losses or 'none (all losses finite)'}; encoder gradients of "
-            f"{bad_encoders or 'no encoder'} (or a head's gradient) not finite{beyond}. The optimizer step "
-            "was skipped (it counts as a step, as a GradScaler's skipped step does) and the parameters are "
-            "untouched.",
-            category=RuntimeWarning,
-        )
+        self._totals.skipped.add_(1)
+        message = skipped_step_message(pl_module.trainer.global_step, self._engine.non_finite_losses(), stats)
+        rank_zero_warn(message, category=RuntimeWarning)
 
     def _record(
         self,
@@ -554,18 +508,13 @@ class MMParetoCallback(Callback):
     ) -> None:
         assert self._metrics is not None
         self._metrics.update(stats, valid)
-        for name, s in stats.items():
-            ok = s.finite if valid is None else s.finite & valid
-            self._totals[name] += torch.stack([s.conflict & ok, s.stationary & ok]).to(torch.float32)
+        self._totals.add(stats, valid)
         values: dict[str, Tensor] = {}
         # The cumulative counts: on every step when something monitors the plugin's keys (so a
-        # ModelCheckpoint or EarlyStopping sees them whenever it looks), else on the logging steps.
+        # ModelCheckpoint or EarlyStopping sees them whenever it looks), else on the logging steps. The
+        # counter of skipped steps only changes after this point: it is logged as it was before.
         if self._totals_every_step or logging_step:
-            for name, totals in self._totals.items():
-                values[f"mmpareto/{name}/conflicts_total"] = totals[0]
-                values[f"mmpareto/{name}/stationary_total"] = totals[1]
-            # The counter of skipped steps only changes after this point: it is logged as it was before.
-            values["mmpareto/skipped_steps"] = self._skipped_tensor
+            values.update(self._totals.values())
         if self.log_on_step and logging_step:
             values.update(self._metrics.step_values(stats))
         if values:
@@ -591,7 +540,7 @@ class MMParetoCallback(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         logged: dict[str, Metric] = {}
         if self.log_on_epoch and self._metrics is not None:
-            gather = self._exchange.gather if self._exchange is not None else None
+            gather = self._ranks.gather if self._ranks is not None else None
             metrics = self._metrics.epoch_metrics(gather)
             # Metric objects may have been created since Lightning cached where the module's metrics
             # live (on the first `self.log(<Metric>)`, e.g. in validation): the cache is dropped.
@@ -616,41 +565,18 @@ class MMParetoCallback(Callback):
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        totals = {
-            name: {"conflicts": int(t[0].item()), "stationary": int(t[1].item())}
-            for name, t in self._totals.items()
-        }
         return {
-            "totals": totals or self._loaded_totals,
+            "totals": self._totals.state(),
             "optimizer_steps": self.bookkeeping.optimizer_steps,
             "skipped_steps": self.bookkeeping.skipped_steps,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded_totals = {k: dict(v) for k, v in state_dict.get("totals", {}).items()}
         self.bookkeeping.optimizer_steps = int(state_dict.get("optimizer_steps", 0))
         self.bookkeeping.skipped_steps = int(state_dict.get("skipped_steps", 0))
-        self._skipped_tensor.fill_(float(self.bookkeeping.skipped_steps))
-        for name, t in self._totals.items():
-            loaded = self._loaded_totals.get(name, {})
-            t.copy_(torch.tensor([loaded.get("conflicts", 0), loaded.get("stationary", 0)], dtype=t.dtype))
+        self._totals.load(state_dict.get("totals", {}), self.bookkeeping.skipped_steps)
 
     @property
     def totals(self) -> dict[str, dict[str, int]]:
         """Cumulative ``conflicts`` and ``stationary`` counts per encoder (reads the device)."""
         return self.state_dict()["totals"]
-
-
-def _monitored_keys(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
-    """The metric keys that callbacks (``monitor`` attributes: ModelCheckpoint, EarlyStopping, ...) and
-    LR schedulers (ReduceLROnPlateau monitors) read during the fit."""
-    keys = [getattr(c, "monitor", None) for c in trainer.callbacks]
-    keys += [config.monitor for config in trainer.lr_scheduler_configs]
-    keys += [k.get("monitor") for k in getattr(pl_module, "_mmpareto_scheduler_keys", {}).values()]
-    return [k for k in keys if isinstance(k, str)]
-
-
-def _is_logging_step(trainer: pl.Trainer) -> bool:
-    """Whether Lightning writes logs this step (``log_every_n_steps``): step values are logged only then."""
-    connector = getattr(trainer, "_logger_connector", None)
-    return bool(getattr(connector, "should_update_logs", True) or trainer.fast_dev_run)
