@@ -52,7 +52,7 @@ def decide(
             ("owner", tuple(counts), device),
             lambda: torch.repeat_interleave(torch.arange(e, device=device), lengths, output_size=n),
         )
-        gram = torch.segment_reduce(gram_t, "sum", lengths=lengths, axis=0)
+        gram = torch.segment_reduce(gram_t, "sum", lengths=lengths, axis=0, unsafe=True)
 
     if k == 2:
         official, exact, conflict, cos_beta = _two_objectives(gram)
@@ -133,7 +133,7 @@ def _per_encoder(values: Tensor, lengths: Tensor | None, reduce: str = "sum") ->
     """``(T, m)`` per-tensor values reduced over each encoder's tensors: ``(E, m)``."""
     if lengths is None:
         return values.sum(0, keepdim=True) if reduce == "sum" else values.amax(0, keepdim=True)
-    return torch.segment_reduce(values, reduce, lengths=lengths, axis=0)
+    return torch.segment_reduce(values, reduce, lengths=lengths, axis=0, unsafe=True)
 
 
 # Official clamps (b >= a, then b >= c), then the exact minimiser's ends.

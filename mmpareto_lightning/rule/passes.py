@@ -201,7 +201,7 @@ def _packed_pair_sums(
     # alike), in one vectorised multiplication; the pairs are picked from the sums.
     lengths = cached_tensor(("lengths", k, tuple(sizes)), lambda: torch.tensor(sizes).expand(k * k, -1))
     products = (rows.unsqueeze(1) * rows.unsqueeze(0)).view(k * k, -1)
-    sums = torch.segment_reduce(products, "sum", lengths=lengths, axis=1)  # (K * K, T)
+    sums = torch.segment_reduce(products, "sum", lengths=lengths, axis=1, unsafe=True)  # (K * K, T)
     index = cached_tensor(("upper", k), lambda: torch.tensor([i * k + j for i, j in pairs]))
     return sums.index_select(0, index)
 
