@@ -36,7 +36,7 @@ from mmpareto_lightning.engine.capture import CapturedOutput
 from mmpareto_lightning.engine.safeguards import GradientSplittingError, check_graph
 
 if TYPE_CHECKING:
-    from mmpareto_lightning.engine.splitting import EncoderObjectives
+    from mmpareto_lightning.engine.objectives import EncoderObjectives
 
 __all__ = [
     "agree_on_step",

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mmpareto_lightning.rule.passes import cached_tensor
+from mmpareto_lightning.rule.constants import cached_tensor
 
 __all__ = ["CHUNK", "ChunkedGradients", "chunk_layout", "chunked_sizes"]
 

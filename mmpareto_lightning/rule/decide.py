@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from mmpareto_lightning.rule.config import FLOOR_RATIO, RuleConfig, RuleStats
+from mmpareto_lightning.rule.constants import cached_tensor
 from mmpareto_lightning.rule.min_norm import min_norm_simplex
-from mmpareto_lightning.rule.passes import cached_tensor
 
 __all__ = ["decide"]
 

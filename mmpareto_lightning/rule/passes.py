@@ -28,16 +28,18 @@ Two regimes:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from mmpareto_lightning.rule.chunked import ChunkedGradients
+from mmpareto_lightning.rule.constants import cached_tensor
 
 __all__ = [
     "PIECE",
     "SMALL",
     "Pieces",
-    "cached_tensor",
     "common_scale",
     "gram_error_bound",
     "tensor_grams",
@@ -127,10 +129,6 @@ def tensor_grams(
         ``gram_error_bound(numel)`` times ``sum_e |g_ie g_je|`` (the products are exact).
     """
     if _multi_tensor(grads[0][0].device):
-        from mmpareto_lightning.rule.chunked import (
-            ChunkedGradients,
-        )  # the accelerator layout imports this module
-
         return ChunkedGradients(grads, scale).grams()
     return _cpu_grams(grads, pieces or Pieces(), scale)
 
@@ -141,20 +139,6 @@ def _pairs(k: int) -> tuple[list[tuple[int, int]], list[int]]:
     pairs = [(i, j) for i in range(k) for j in range(i, k)]
     order = [pairs.index((min(i, j), max(i, j))) for i in range(k) for j in range(k)]
     return pairs, order
-
-
-_INDEX_CACHE: dict[tuple[object, ...], Tensor] = {}
-
-
-def cached_tensor(key: tuple[object, ...], make: Callable[[], Tensor]) -> Tensor:
-    """A small constant tensor (indices, lengths) made once per layout and device: building it from
-    Python data every call would copy it from the host each time."""
-    value = _INDEX_CACHE.get(key)
-    if value is None:
-        if len(_INDEX_CACHE) >= 256:
-            _INDEX_CACHE.clear()
-        value = _INDEX_CACHE[key] = make()
-    return value
 
 
 def _cpu_grams(grads: Sequence[Sequence[Tensor]], pieces: Pieces, scale: Tensor | None) -> Tensor:
