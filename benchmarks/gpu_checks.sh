@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one call of under 4 minutes on one H200 (estimate: 3-3.5 minutes):
-#   1. the CUDA tests (every tests/test_*.py with a `gpu` mark, run with `-m gpu`);
-#   2. 2x ResNet-18 at CREMA-D shapes, batch 64: plain and through Lightning (target <= 1.70x uniform),
+#   1. 2x ResNet-18 at CREMA-D shapes, batch 64: plain and through Lightning (target <= 1.70x uniform),
 #      the authors' procedure beside them, the phase breakdown, the peak memory at batch 64 (target <=
 #      1.17x uniform), the ATen operators per step, and the CUDA kernels of one `engine.integrate()`
 #      call and of one whole step of each method (torch.profiler);
-#   3. the fine-tuning regime: 2x BERT-base (BertModel(BertConfig()), random weights), batch 8,
+#   2. the fine-tuning regime: 2x BERT-base (BertModel(BertConfig()), random weights), batch 8,
 #      sequence 128 (target <= 1.8x), with the same tables;
-#   4. the parameter-heavy regime: two wide MLP encoders, batch 8 (target <= 2.0x), with the callback's
-#      parts as through-Lightning rows.
+#   3. the parameter-heavy regime: two wide MLP encoders, batch 8 (target <= 2.0x), with the callback's
+#      parts as through-Lightning rows;
+#   4. the CUDA tests (every tests/test_*.py with a `gpu` mark, run with `-m gpu`).
 # No scaling table and no memory sweep (they do not fit); fewer steps than the CPU defaults.
 #
 # Usage: bash benchmarks/gpu_checks.sh [OUTPUT_DIR]
@@ -61,8 +61,6 @@ run() {  # run NAME COMMAND...: console output to NAME.log, wall time to duratio
     echo "$name: $((SECONDS - start)) s (exit status $rc$note)" | tee -a "$out/durations.txt"
 }
 
-mapfile -t gpu_test_files < <(grep -l 'mark\.gpu' tests/test_*.py)
-run test_gpu python -m pytest -q -rs -p no:cacheprovider -m gpu "${gpu_test_files[@]}"
 bench=(python benchmarks/step_time.py --device cuda)
 # 65 rounds of 180 ms (30 + 55 + 95 ms) for the plain steps, the same for the Lightning rows and the
 # breakdown; the memory pass, the operator counts and the profiler a few seconds each.
@@ -75,6 +73,10 @@ run bert "${bench[@]}" --model bert --iters 20 --warmup 3 --breakdown --encoders
 # Steps of 3-11 ms: more of them; the finite check's cost and the engine without the callback as rows.
 run wide_mlp "${bench[@]}" --model wide-mlp --iters 100 --warmup 10 --breakdown --encoders --no-op-counts \
     --lightning-variants uniform mmpareto no-finite-check manual-engine authors --markdown "$out/cuda_wide_mlp.md"
+# The CUDA tests last: the benchmarks' own correctness pre-check already guards their tables, and a slow
+# compile in a test must not cost them their time.
+mapfile -t gpu_test_files < <(grep -l 'mark\.gpu' tests/test_*.py)
+run test_gpu python -m pytest -q -rs -p no:cacheprovider -m gpu "${gpu_test_files[@]}"
 [[ $plan == 1 ]] && exit 0
 
 echo "total: $((SECONDS - start_all)) s (exit status $status)" | tee -a "$out/durations.txt"
