@@ -16,9 +16,10 @@ Lipschitz constants. From the same state, one step is a short computation whose 
   halves then adds, the package's all-reduce adds then halves; halving is exact while the halves stay
   normal, which is checked): the replay's ``(a + b) / 2`` gives the same bits;
 * so the rule sees the replay's float32 gradients, and :func:`_reference.h_bound` bounds the rest;
-* heads get the ordinary backward of the summed losses, whose order of adding the losses' contributions
-  the replay does not know: ``gamma(L - 1) sum_l |g_l|`` per micro-batch, ``gamma(n - 1)`` for the window's
-  ``n`` micro-batches and one rounding for the mean (plus two roundings into the subnormal range);
+* heads get the ordinary backward of the summed losses; a head parameter reached by one loss gets that
+  loss's gradient (the same operations), then ``gamma(n - 1)`` for the window's ``n`` micro-batches and
+  one rounding for the mean (plus two roundings into the subnormal range); a head parameter several
+  losses reach is refused (their cotangents meet inside the backward, where no stated bound holds);
 * the optimizer step: :func:`_bounds.momentum_sgd` and ``_exact.assert_moved_by``.
 
 The decisions (conflict, Pareto stationarity) are compared where the allowed Gram round-off cannot flip
@@ -38,6 +39,7 @@ import torch
 from _bounds import U64, assert_halving_exact, assert_within, gamma, momentum_sgd
 from _exact import ExpectedUpdate, assert_moved_by, per_loss_gradients, real
 from _reference import (
+    SOLVER_RIDGE,
     decision_sensitivity,
     gram_error_bound,
     h_bound,
@@ -124,28 +126,41 @@ class ReplayedStep:
 def _decisions(info: dict, numels: list[int], stationarity_tol: float) -> tuple[bool, bool, bool]:
     """(conflict, conflict is robust, not stationary robustly) under the package's Gram bound.
 
-    Each Gram entry of the encoder errs by at most ``E_ij = sum_t gram_error_bound(numel_t) A_tij``
-    (``A`` the sums of absolute products). The conflict test reads the signs of the off-diagonal entries:
-    it cannot flip where ``|G_ij| > E_ij``. Stationarity compares the exact min-norm value
-    ``min_alpha alpha^T G alpha`` with ``tol**2 max_i G_ii``; on the simplex a perturbation ``E`` moves
-    that minimum by at most ``max_ij E_ij``, and the diagonal by as much.
+    Each Gram entry of the encoder errs by at most ``E_ij = sum_t gram_error_bound(numel_t) A_tij`` per
+    tensor (``A`` the sums of absolute products) plus ``gamma(T) sum_t A_tij`` for adding the ``T``
+    tensors' entries in float64. The conflict test reads the signs of the off-diagonal entries: it cannot
+    flip where ``|G_ij| > E_ij``. Stationarity compares the min-norm value ``v = min alpha^T G alpha``
+    over the simplex with ``tol**2 max_i G_ii``: a perturbation ``E`` moves ``v`` by at most
+    ``max_ij E_ij`` (``alpha`` sums to 1) and the diagonal by as much. The package evaluates ``v`` in
+    float64 from its weights: sixteen roundings of a quadratic form bounded by ``max |G|``; for ``K > 2``
+    its weights are exact for ``G + 1e-12 tr(G) I`` (``v`` moves by at most ``1e-12 tr(G)``) and carry
+    the solve's error ``d <= cond * gamma(4 K)`` (``cond`` of the bordered KKT system on the optimal
+    support): ``v`` is stationary in ``alpha`` at the optimum, so that moves it by ``K d**2 max |G|``.
     """
     gram, absolute = info["gram"], info["absolute"]
     k = gram.shape[0]
     err = sum(gram_error_bound(n) * absolute[t] for t, n in enumerate(numels))
-    err = err * (1 + 1e3 * U64) + 1e3 * U64 * np.abs(gram)  # the package's float64 arithmetic on G
+    err = err + gamma(len(numels), U64) * absolute.sum(0)
     off = [(i, j) for i in range(k) for j in range(i + 1, k)]
     conflict = any(gram[i, j] <= 0 for i, j in off)
     robust = all(abs(gram[i, j]) > err[i, j] for i, j in off)
+    largest_entry = float(np.abs(gram).max())
+    slack = float(err.max()) + gamma(16, U64) * largest_entry
     if k == 2:
         a, b, c = gram[0, 0], gram[0, 1], gram[1, 1]
         value = a if b >= a else c if b >= c else (a * c - b * b) / (a + c - 2 * b)
     else:
         alpha = min_norm_weights(gram)
         value = float(alpha @ gram @ alpha)
-    worst = float(err.max())
+        support = np.flatnonzero(alpha > 0)
+        size, trace = len(support), float(np.trace(gram))
+        system = np.zeros((size + 1, size + 1))
+        system[:size, :size] = gram[np.ix_(support, support)] / trace + SOLVER_RIDGE * np.eye(size)
+        system[:size, size], system[size, :size] = -1.0, 1.0
+        d = np.linalg.cond(system) * gamma(4 * k, U64)
+        slack += SOLVER_RIDGE * trace + k * d**2 * largest_entry
     largest = float(np.diag(gram).max())
-    not_stationary = value - worst > stationarity_tol**2 * (largest + worst) * (1 + 1e-6)
+    not_stationary = value - slack > stationarity_tol**2 * (largest + slack)
     return conflict, robust, not_stationary
 
 
@@ -172,15 +187,17 @@ def replay_step(
     assert world == 2, "the mean's bits are one rounding of the exact mean for two ranks only"
     named = list(model.named_parameters())
     params = [p for _, p in named if p.requires_grad]
+    param_names = [n for n, p in named if p.requires_grad]
     index = {id(p): i for i, p in enumerate(params)}
     eta = underflow_round_off(torch.float32)
 
+    encoder_ids = {id(p) for module in encoders.values() for p in module.parameters()}
     sums: list[dict[str, list[torch.Tensor | None]]] = []  # per rank: loss -> window sum per parameter
     heads: list[list[tuple[np.ndarray, np.ndarray] | None]] = []  # per rank: (value, bound) per parameter
     losses: list[list[dict[str, float]]] = []
     for fns in windows:
         acc: dict[str, list[torch.Tensor | None]] = {}
-        parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in params]
+        parts: list[list[list[np.ndarray]]] = [[] for _ in params]  # per parameter, per micro-batch
         seen: list[dict[str, float]] = []
         for fn in fns:
 
@@ -198,17 +215,18 @@ def replay_step(
             for i in range(len(params)):
                 contributions = [real(gl[i]).double().numpy() for gl in grads.values() if gl[i] is not None]
                 if contributions:
-                    magnitude = sum(np.abs(c) for c in contributions)
-                    parts[i].append((sum(contributions), gamma(len(contributions) - 1) * magnitude))
+                    parts[i].append(contributions)
         rank_heads: list[tuple[np.ndarray, np.ndarray] | None] = []
-        for pieces in parts:
-            if not pieces:
+        for i, pieces in enumerate(parts):
+            if not pieces or id(params[i]) in encoder_ids:
                 rank_heads.append(None)
                 continue
-            value = sum(v for v, _ in pieces)
-            bound = sum(b for _, b in pieces)
-            bound = bound + gamma(len(pieces) - 1) * sum(np.abs(v) + b for v, b in pieces)
-            rank_heads.append((value, bound))
+            # The summed backward adds several losses' cotangents wherever their paths meet and rounds
+            # J^T (c_1 + c_2) there, not J^T c_1 + J^T c_2: no stated bound covers a head parameter that
+            # several losses reach, so none may (one loss: the same operations as its own gradient).
+            assert all(len(c) == 1 for c in pieces), f"{param_names[i]} is reached by several losses"
+            micro = [c[0] for c in pieces]  # the window adds its micro-batches' float32 gradients
+            rank_heads.append((sum(micro), gamma(len(micro) - 1) * sum(np.abs(v) for v in micro)))
         sums.append(acc)
         heads.append(rank_heads)
         losses.append(seen)
@@ -221,10 +239,8 @@ def replay_step(
         gradient.bounds[n] = np.zeros(tuple(real(p).shape))
     step = ReplayedStep(gradient, skipped, losses=losses)
 
-    encoder_ids: set[int] = set()
     for enc, module in encoders.items():
         ids = [index[id(p)] for p in module.parameters() if p.requires_grad]
-        encoder_ids |= {id(p) for p in module.parameters()}
         reaching: list[str] = []
         for acc in sums:
             reaching += [
