@@ -9,9 +9,10 @@ turns ``n`` such factors into one bound without a first-order approximation:
   (so two orders of the same sum differ by at most twice that);
 * ``n`` roundings in a chain of products and quotients: ``|computed - exact| <= gamma(n) |exact|``.
 
-Where two computations run the same float32 operations on the same inputs in the same order, they give
-the same bits on any CPU, and the tests compare them with equality; the bounds here are for the rest:
-different orders, sums of a different length, a float64 reference, an optimizer's own roundings.
+Where two computations run the same float32 operations on the same inputs in the same order, they agree
+bit for bit on whatever CPU runs both (the bits themselves may differ from one CPU to another), and the
+tests compare them with equality; the bounds here are for the rest: different orders, sums of a different
+length, a float64 reference, an optimizer's own roundings.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Lipschitz constants. From the same state, one step is a short computation whose 
 
 * each rank's per-loss gradients are the same numbers here: the same autograd operations on the same batch
   (a fresh copy, as the DataLoader hands it over) with one intra-op thread on both sides (the recorder sets
-  it on the ranks, ``conftest.py`` in the test process), which the split reproduces exactly (``_exact``);
+  it on the ranks, the replay for itself), which the split reproduces exactly (``_exact``);
 * the window's sum (``accumulate > 1``, every loss divided by ``accumulate`` as the callback does) adds
   micro-batches' float32 gradients one at a time: for encoder objectives the replay does the same
   additions (two terms per addition: ``a + b = b + a``, so the order is immaterial);
@@ -340,6 +340,15 @@ def check_recorded_fit(
                 assert torch.equal(v, other["momentum"][n]), f"step {s}: momentum of {n} differs"
             assert first["totals"] == other["totals"], f"step {s}: counters differ between ranks"
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks ran (StepRecorder.setup), whatever the test process uses
+    try:
+        return _replay_recorded(ranks, make_model, loss_fn, momentum, lr, accumulate, world)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _replay_recorded(ranks, make_model, loss_fn, momentum, lr, accumulate, world) -> list[ReplayedStep]:
     replayed = []
     params = dict(make_model().named_parameters())
     buffers: dict[str, torch.Tensor] = {}

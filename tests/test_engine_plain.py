@@ -109,7 +109,7 @@ def test_splitter_gives_exact_per_loss_gradients_and_leaves_unimodal_in_grad() -
             expected = torch.cat([grads[objective][index[id(p)]].reshape(-1) for p in encoder.parameters()])
             # Bitwise: the split runs the same autograd operations on the same numbers as
             # torch.autograd.grad of the loss (the heads' backward to the encoder's output, then the
-            # encoder's), in the same order; any CPU rounds them alike.
+            # encoder's), in the same order, so whatever CPU runs both rounds them alike.
             assert torch.equal(flat, expected), (name, objective)
         # .grad of the encoder is the unimodal gradient until the rule runs.
         for p, q in zip(model.mmpareto_encoders()[name].parameters(), encoder.parameters(), strict=True):
