@@ -4,8 +4,10 @@
 modality (from the first step on); rank 0 misses it on the third batch of every epoch, so there no rank
 has it. The extra "align" loss needs both modalities, so it too exists on rank 0 only. Each rank writes
 ``OUT_DIR/rank<r>.pt``: its final parameters, the cumulative counters after every step and the epoch
-metrics it logged. A script, not an in-process spawn, so that the plain ``ddp`` launcher (which re-runs
-the command line) is the one tested, and so that the test can kill a hung fit.
+metrics it logged; and ``OUT_DIR/steps<r>.pt`` (``_data_parallel.StepRecorder``): every optimizer step's
+batches and the state after it, which the test replays. A script, not an in-process spawn, so that the
+plain ``ddp`` launcher (which re-runs the command line) is the one tested, and so that the test can kill
+a hung fit.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from _data_parallel import StepRecorder
 from _models import MultiModalNet, make_data, trainer_kwargs
 from torch.utils.data import DataLoader
 
@@ -89,7 +92,11 @@ def main(strategy: str, directory: str, accumulate: int = 1) -> None:
     trainer = pl.Trainer(
         max_epochs=EPOCHS,
         strategy=strategy,
-        callbacks=[MMParetoCallback(accumulate_grad_batches=accumulate), Record(directory)],
+        callbacks=[
+            MMParetoCallback(accumulate_grad_batches=accumulate),
+            Record(directory),
+            StepRecorder(directory),
+        ],
         **trainer_kwargs(devices=2, use_distributed_sampler=False),
     )
 

@@ -177,7 +177,7 @@ def expected_deltas(
             for o in objectives
         ]
         h, info = reference_rule(per_objective, strategy=strategy, rescale=rescale, gamma=gamma)
-        sensitivity = decision_sensitivity(info, [p.numel() for p in enc_params])
+        sensitivity = decision_sensitivity(info, [real(p).numel() for p in enc_params])
         bounds = h_bound(per_objective, info, sensitivity)
         for p, ht, bt in zip(enc_params, h, bounds, strict=True):
             expected[names[id(p)]] = -lr * ht.reshape(real(p).shape)

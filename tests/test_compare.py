@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import math
 import statistics
+from decimal import Decimal, localcontext
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ pytest.importorskip("jsonargparse")
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
+from _bounds import U64, assert_within, gamma
 from _user_project import console_script, run_in, write_user_project
 from mmpareto_examples import CONFIG_DIR
 
@@ -60,8 +63,11 @@ def test_compare_defaults_on_a_tiny_budget(tmp_path, capsys):
     assert list(rows) == list(STRATEGY_LABELS)
     for strategy, row in rows.items():
         accs = [float(r["test/acc"]) for r in runs if r["strategy"] == strategy]
-        assert float(row["test/acc_mean"]) == pytest.approx(statistics.fmean(accs))
-        assert float(row["test/acc_std"]) == pytest.approx(statistics.stdev(accs))
+        # The CSVs hold each float's repr, which reads back to the same double; fmean (a correctly
+        # rounded fsum, then one division) and stdev (exact rational arithmetic) do not depend on the
+        # order of their inputs: the same numbers give the same bits.
+        assert float(row["test/acc_mean"]) == statistics.fmean(accs)
+        assert float(row["test/acc_std"]) == statistics.stdev(accs)
         for enc in ("gray", "color"):
             assert 0.0 <= float(row[f"conflict_rate/{enc}_mean"]) <= 1.0
     with open(out / "differences.csv") as f:
@@ -71,7 +77,7 @@ def test_compare_defaults_on_a_tiny_budget(tmp_path, capsys):
             k: {r["strategy"]: float(r["test/acc"]) for r in runs if r["seed"] == k} for k in ("0", "1")
         }
         expected = statistics.fmean(v["mmpareto"] - v[strategy] for v in per_seed.values())
-        assert float(diffs[strategy]["test/acc_diff"]) == pytest.approx(expected)
+        assert float(diffs[strategy]["test/acc_diff"]) == expected  # the same subtractions, then fmean
         assert diffs[strategy]["test/acc_n"] == "2"
     width, height = _png_size(out / "training_dynamics.png")
     assert width > 600 and height > 600
@@ -161,22 +167,56 @@ def test_compare_on_a_users_model_with_its_own_metrics_and_one_seed(tmp_path):
 
 def test_t_quantiles():
     assert t_quantile_975(1) == 12.7062 and t_quantile_975(2) == 4.3027 and t_quantile_975(30) == 2.0423
-    assert t_quantile_975(10_000) == pytest.approx(1.96, abs=1e-3)
+    # Not round-off: the table holds the quantiles rounded to four decimals (within 5e-5), and beyond 30
+    # degrees of freedom the Cornish-Fisher expansion (Abramowitz & Stegun 26.7.5) stops after the df**-3
+    # term, so it errs by the omitted terms, led by g4 / df**4; twice that term bounds them for df > 30
+    # (at df = 31 the error is 1.02 |g4| / df**4). At 10 000 the quantile is 1.9602 to four decimals.
+    assert abs(t_quantile_975(10_000) - 1.9602) <= 5e-5
+    z = 1.959963984540054
+
+    def omitted(df: int) -> float:
+        return 2 * abs(79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * df**4)
+
     scipy_stats = pytest.importorskip("scipy.stats")
     for df in (1, 2, 3, 7, 30, 31, 45, 120, 1000):
-        assert t_quantile_975(df) == pytest.approx(float(scipy_stats.t.ppf(0.975, df)), abs=6e-5)
+        bound = 5e-5 if df <= 30 else omitted(df)
+        # scipy's own quantile is accurate to ~1e-12 (1e-9 here covers it and the float64 arithmetic).
+        assert abs(t_quantile_975(df) - float(scipy_stats.t.ppf(0.975, df))) <= bound + 1e-9, df
+
+
+def _exact_difference(reference: dict, other: dict) -> tuple[Fraction, Decimal]:
+    """The exact mean and 95% half-width of ``reference - other`` over their common seeds, computed on
+    the doubles given (Fractions, and 40-digit decimals for the square roots)."""
+    diffs = [Fraction(reference[s]) - Fraction(other[s]) for s in sorted(set(reference) & set(other))]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    with localcontext() as ctx:
+        ctx.prec = 40
+        sd = (Decimal(variance.numerator) / Decimal(variance.denominator)).sqrt()
+        half = Decimal(t_quantile_975(n - 1)) * sd / Decimal(n).sqrt()
+    return mean, half
 
 
 def test_paired_difference_interval():
-    d = paired_difference({0: 0.8, 1: 0.9, 2: 0.7}, {0: 0.7, 1: 0.7, 2: 0.7, 3: 0.1})  # seed 3 unpaired
-    diffs = [0.1, 0.2, 0.0]
-    half = 4.3027 * statistics.stdev(diffs) / math.sqrt(3)
-    assert d.n == 3 and d.mean == pytest.approx(0.1)
-    assert (d.low, d.high) == (pytest.approx(0.1 - half), pytest.approx(0.1 + half))
+    reference, other = {0: 0.8, 1: 0.9, 2: 0.7}, {0: 0.7, 1: 0.7, 2: 0.7, 3: 0.1}  # seed 3 unpaired
+    d = paired_difference(reference, other)
+    # Known decimals, a few float64 operations: the exact values of the formula on the given doubles
+    # against the function's float64 ones, within a few ulps: the differences are exact (Sterbenz), the
+    # mean rounds twice (a correctly rounded fsum, one division), the half-width at most five times
+    # (stdev's rational variance to float and its square root, the t factor, sqrt(n), the quotient), the
+    # interval's ends once more.
+    mean, half = _exact_difference(reference, other)
+    mean_bound, half_bound = gamma(2, U64) * float(mean), gamma(5, U64) * float(half)
+    assert d.n == 3
+    assert_within(d.mean, float(mean), mean_bound, "mean")
+    exact_mean = Decimal(mean.numerator) / mean.denominator
+    for got, end in ((d.low, float(exact_mean - half)), (d.high, float(exact_mean + half))):
+        assert_within(got, end, mean_bound + half_bound + U64 * abs(end), "interval end")
     assert not d.beyond_noise
     assert paired_difference({0: 0.9, 1: 0.8}, {0: 0.5, 1: 0.45}).beyond_noise
     one = paired_difference({0: 0.9}, {0: 0.5})
-    assert (one.n, one.low, one.high) == (1, None, None) and one.mean == pytest.approx(0.4)
+    assert (one.n, one.low, one.high) == (1, None, None) and one.mean == 0.9 - 0.5  # one subtraction
     assert paired_difference({0: 0.9}, {1: 0.5}) is None
 
 

@@ -4,7 +4,9 @@ The split differentiates the heads and the encoders more than once per step (the
 extra VJP keep the graph, then the ordinary backward runs), which a compiled region whose backward
 donates its saved activations cannot do (see ``mmpareto_lightning/engine/compiled.py``). The encoders
 here return ``(tokens, tokens[:, 0])``, the shape of output that broke; the last batch is smaller, so
-torch recompiles with dynamic shapes mid-fit, where the backward graph is lowered at once.
+torch recompiles with dynamic shapes mid-fit, where the backward graph is lowered at once. Every step is
+held exactly to the rule on the compiled model's own per-loss gradients, and loosely to an uncompiled
+twin (see :class:`AgainstTheUncompiledTwin`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import torch
 import torch._functorch.config as functorch_config
 import torch.compiler.config as compiler_config
 import torch.nn.functional as F
-from _exact import expected_deltas
+from _bounds import U32, assert_within, gamma
+from _exact import ExpectedUpdate, expected_deltas
 from _models import trainer_kwargs
+from _reference import decision_sensitivity, h_bound, reference_rule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -68,7 +72,23 @@ class TokenNet(MMParetoModule):
         }
 
     def training_step(self, batch, batch_idx):
-        return self.losses(batch)
+        losses = self.losses(batch)
+        if getattr(self, "record", False):
+            # Each loss's gradient on the step's own graph, through the compiled regions' own backward
+            # (the split's graph-keeping calls run inside this capture block too, under the same settings).
+            params = list(self.parameters())
+            self.recorded = {
+                name: [
+                    torch.zeros_like(p) if g is None else g.detach().clone()
+                    for p, g in zip(
+                        params,
+                        torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True),
+                        strict=True,
+                    )
+                ]
+                for name, loss in losses.items()
+            }
+        return losses
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=LR)
@@ -92,9 +112,49 @@ def _loader(size: int = 20, seed: int = 0) -> DataLoader:
     return DataLoader(data, batch_size=8, shuffle=False)
 
 
+def _expected_from_recorded(model: TokenNet) -> ExpectedUpdate:
+    """Parameter name -> the SGD(LR) update from the per-loss gradients the model recorded in its step,
+    with the bounds of ``_exact``: the float64 rule's (``_reference.h_bound``) for encoders, the float32
+    sum of the losses reaching a head (``gamma(L - 1)`` of their magnitudes), the lr product's rounding."""
+    named = list(model.named_parameters())
+    index = {id(p): i for i, (_, p) in enumerate(named)}
+    expected = ExpectedUpdate()
+    encoder_ids: set[int] = set()
+    for enc_name, encoder in model.mmpareto_encoders().items():
+        params = list(encoder.parameters())
+        encoder_ids |= {id(p) for p in params}
+        per_objective = [[model.recorded[o][index[id(p)]] for p in params] for o in ("multimodal", enc_name)]
+        h, info = reference_rule(per_objective)
+        bounds = h_bound(per_objective, info, decision_sensitivity(info, [p.numel() for p in params]))
+        for p, ht, bt in zip(params, h, bounds, strict=True):
+            name = named[index[id(p)]][0]
+            expected[name] = -LR * ht.reshape(p.shape)
+            expected.bounds[name] = (LR * bt + U32 * LR * np.abs(ht)).reshape(p.shape)
+    for i, (name, p) in enumerate(named):
+        if id(p) in encoder_ids:
+            continue
+        gs = [g[i].double().numpy() for g in model.recorded.values() if bool(g[i].any())]
+        total = sum(gs)
+        expected[name] = -LR * total
+        summed = gamma(len(gs) - 1) * sum(np.abs(g) for g in gs)
+        expected.bounds[name] = LR * summed + U32 * LR * np.abs(total)
+    return expected
+
+
 class AgainstTheUncompiledTwin(pl.Callback):
-    """Every step: the compiled model moves by what plain autograd and the float64 rule give on an
-    uncompiled twin holding the same weights (SGD, no momentum: the move is -lr * update)."""
+    """Every step, two checks of the compiled model's move (SGD, no momentum: -lr * update).
+
+    * Exact: against the rule on the per-loss gradients it recorded in the step through its own compiled
+      regions (the split computes the same gradients with the same compiled backward functions, so the
+      bound is the rule's, as in test_end_to_end).
+    * Against the update plain autograd and the float64 rule give on an uncompiled twin holding the same
+      weights. This difference is not bounded by a stated round-off analysis: Inductor fuses and reorders
+      the float32 sums of the forward and the backward (a transformer layer: attention softmax, layer
+      norm) in an order this test cannot see, and the twin's error goes through the same layers. The
+      tolerance is therefore sized to what the comparison exists to catch (a region whose second backward
+      reads overwritten activations, a dropped or doubled path: a whole update): 1e-2 of the tensor's
+      largest update, 100 times below such an error (measured deviation: about 1e-5).
+    """
 
     def __init__(self) -> None:
         self.twin = TokenNet(compiled=False)
@@ -102,26 +162,27 @@ class AgainstTheUncompiledTwin(pl.Callback):
         self.worst = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        pl_module.record = True
         self.twin.load_state_dict({_plain(k): v.cpu() for k, v in pl_module.state_dict().items()})
-        self.before = {_plain(k): p.detach().cpu().clone() for k, p in pl_module.named_parameters()}
+        self.before = {k: p.detach().cpu().clone() for k, p in pl_module.named_parameters()}
         batch = [t.cpu() for t in batch]
         self.expected = expected_deltas(self.twin, lambda m: m.mmpareto_encoders(), lambda m: m.losses(batch))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        exact = _expected_from_recorded(pl_module)
         for name, p in pl_module.named_parameters():
-            name = _plain(name)
-            moved = (p.detach().cpu() - self.before[name]).double().numpy()
-            want = LR * self.expected[name]
-            # Inductor fuses and reorders the float32 sums (over <= 2 * WIDTH = 32 terms per dot product,
-            # each rounding within eps32 / 2 = 6e-8 relative: <= 2e-6 of the terms' magnitude), a few
-            # such layers deep, forward and backward: some 1e-5 of an update, which the rule's smooth
-            # alpha and rescale carry through. 1e-4 of the tensor's largest update bounds that
-            # (measured: see the test), far below a dropped or doubled path (a whole update).
+            new = p.detach().cpu().double().numpy()
+            moved = new - self.before[name].double().numpy()
+            bound = exact.bounds[name] + U32 * (np.abs(new) + np.abs(exact[name])) * (1 + 2 * U32)
+            assert_within(moved, exact[name], bound, f"{name}: against its own per-loss gradients")
+            want = LR * self.expected[_plain(name)]
             scale = float(np.abs(want).max())
-            floor = 4 * np.finfo(np.float32).eps * float(self.before[name].abs().max())
             err = float(np.abs(moved - want).max())
             self.worst = max(self.worst, err / scale if scale else 0.0)
-            assert err <= 1e-4 * scale + floor, f"{name}: off by {err:.3g}, update scale {scale:.3g}"
+            step_rounding = 2 * U32 * float(np.abs(new).max() + scale)  # p - lr g rounds to float32
+            assert err <= 1e-2 * scale + step_rounding, (
+                f"{name}: off the uncompiled twin by {err:.3g}, update scale {scale:.3g}"
+            )
         self.checked += 1
 
 

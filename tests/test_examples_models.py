@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from _bounds import U32, assert_within, gamma
 from torch import nn
 
 pytest.importorskip("sklearn")
@@ -108,24 +111,41 @@ def test_metrics_are_the_paper_columns(tmp_path):
     data = CGDigitsDataModule(modalities=["gray", "color"], batch_size=64)
     trainer = _trainer(tmp_path, [MMParetoCallback()], limit_test_batches=1.0)
     results = trainer.test(model, datamodule=data, verbose=False)[0]
+    # The reference runs the model on the test loop's own batches: the same operations on the same
+    # numbers give the same logits bit for bit (one full-set forward could round differently and flip a
+    # near tie), so the counts below are the metrics' own, and what is left is float32 arithmetic.
     model.eval()
-    test = data.dataset("test").tensors
-    with torch.no_grad():
-        logits = model(test)
-    y = test["label"]
-    pred = logits["multimodal"].argmax(1)
-    assert results["test/acc"] == pytest.approx((pred == y).float().mean().item(), abs=1e-6)
-    assert results["test/acc_gray"] == pytest.approx(
-        (logits["gray"].argmax(1) == y).float().mean().item(), abs=1e-6
-    )
+    logits, losses, sizes = {"multimodal": [], "gray": []}, [], []
+    with torch.inference_mode():
+        for batch in data.test_dataloader():
+            out = model(batch)
+            for key in logits:
+                logits[key].append(out[key])
+            losses.append(F.cross_entropy(out["multimodal"], batch["label"]).item())
+            sizes.append(len(batch["label"]))
+    y = data.dataset("test").tensors["label"]
+    n = len(y)
+    pred = torch.cat(logits["multimodal"]).argmax(1)
+    # Accuracy: an exact count over n, divided once in float32.
+    correct = int((pred == y).sum())
+    assert_within(results["test/acc"], correct / n, U32 * correct / n, "test/acc")
+    correct_gray = int((torch.cat(logits["gray"]).argmax(1) == y).sum())
+    assert_within(results["test/acc_gray"], correct_gray / n, U32 * correct_gray / n, "test/acc_gray")
+    # Macro F1: per class 2 tp / (2 tp + fp + fn) from exact counts (one float32 division), each divided
+    # by the number of classes (one more) and the ten added in float32: gamma(11) of their sum.
+    assert set(y.tolist()) == set(range(10))  # every class counts in the macro mean
     f1s = []
     for c in range(10):
-        tp = ((pred == c) & (y == c)).sum().item()
-        fp = ((pred == c) & (y != c)).sum().item()
-        fn = ((pred != c) & (y == c)).sum().item()
-        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    assert results["test/macro_f1"] == pytest.approx(sum(f1s) / 10, abs=1e-5)
-    assert results["test/loss"] == pytest.approx(F.cross_entropy(logits["multimodal"], y).item(), rel=1e-4)
+        tp = int(((pred == c) & (y == c)).sum())
+        fp = int(((pred == c) & (y != c)).sum())
+        fn = int(((pred != c) & (y == c)).sum())
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    assert_within(results["test/macro_f1"], sum(f1s) / 10, gamma(11) * sum(f1s) / 10, "test/macro_f1")
+    # The loss: Lightning's batch-size-weighted mean of the per-batch losses (float32 numbers computed by
+    # the same operations here): each times its batch size, added, divided: m + 1 roundings.
+    weighted = [loss * size for loss, size in zip(losses, sizes, strict=True)]
+    bound = gamma(len(losses) + 1) * sum(abs(w) for w in weighted) / n
+    assert_within(results["test/loss"], math.fsum(weighted) / n, bound, "test/loss")
 
 
 def test_three_modalities_give_three_mmpareto_encoders(tmp_path):
@@ -154,19 +174,30 @@ def test_resnet18_audio_encoder_matches_the_paper():
 def test_resnet18_visual_encoder_folds_frames_and_pools_over_time():
     torch.manual_seed(0)
     enc = ResNet18VisualEncoder().eval()
-    x = torch.randn(2, 3, 3, 64, 64)  # (B, C, T, H, W)
+    b, t = 2, 3
+    x = torch.randn(b, 3, t, 64, 64)  # (B, C, T, H, W)
     with torch.no_grad():
         out = enc(x)
-        # Equal-size frames: pooling over (T, h, w) is the mean over frames of per-frame pooled features.
-        per_frame = torch.stack(
-            [F.adaptive_avg_pool2d(enc.trunk(x[:, :, t]), 1).flatten(1) for t in range(3)], dim=1
-        )
+        # The frames, clip by clip, built here independently of the encoder's reshape: the trunk on this
+        # batch runs the same operations on the same numbers as inside the encoder (bit for bit, if the
+        # folding is right), so what is left to compare is the pooling.
+        frames = torch.stack([x[i, :, f] for i in range(b) for f in range(t)])
+        feats = enc.trunk(frames).double()
     assert out.shape == (2, 512)
-    torch.testing.assert_close(out, per_frame.mean(dim=1), rtol=1e-4, atol=1e-5)
-    # Frames of one clip never mix with another clip's.
+    # Pooling over (T, h, w) is the mean over frames of per-frame pooled features: both are the exact mean
+    # of the same T h w float32 numbers per clip and channel. The encoder's float32 average pool sums them
+    # (any order) and divides: gamma(T h w) of the sum of their magnitudes, over T h w.
+    per_clip = feats.reshape(b, t, *feats.shape[1:]).transpose(1, 2).flatten(2)  # (B, 512, T h w)
+    count = per_clip.shape[-1]
+    bound = gamma(count) * per_clip.abs().sum(-1) / count
+    assert_within(out.double().numpy(), per_clip.mean(-1).numpy(), bound.numpy(), "pooled features")
+    # Frames of one clip never mix with another clip's: changing clip 0 leaves clip 1's features bitwise
+    # unchanged (the same operations on the same numbers: images of a batch are computed independently).
+    other = x.clone()
+    other[0] = torch.randn_like(other[0])
     with torch.no_grad():
-        single = enc(x[1:])
-    torch.testing.assert_close(single[0], out[1], rtol=1e-4, atol=1e-5)
+        changed = enc(other)
+    assert torch.equal(changed[1], out[1]) and not torch.equal(changed[0], out[0])
 
 
 def test_av_classifier_heads():
