@@ -133,7 +133,7 @@ def _expected_from_recorded(model: TokenNet) -> ExpectedUpdate:
     for i, (name, p) in enumerate(named):
         if id(p) in encoder_ids:
             continue
-        gs = [g[i].double().numpy() for g in model.recorded.values() if bool(g[i].any())]
+        gs = [g[i].double().cpu().numpy() for g in model.recorded.values() if bool(g[i].any())]
         total = sum(gs)
         expected[name] = -LR * total
         summed = gamma(len(gs) - 1) * sum(np.abs(g) for g in gs)

@@ -543,7 +543,8 @@ def test_model_parallel_on_one_gpu_with_nccl(tmp_path) -> None:
     assert_ok(run_ranks(_cuda_rank, sharded_dir, str(sharded_dir), world=1, timeout=300))
     single_dir.mkdir()
     _fit(str(single_dir), 1, per_rank=16, steps=4, accelerator="cuda")
-    sharded, single = torch.load(sharded_dir / "rank0.pt"), torch.load(single_dir / "rank0.pt")
+    sharded = torch.load(sharded_dir / "rank0.pt", map_location="cpu")
+    single = torch.load(single_dir / "rank0.pt", map_location="cpu")
     _assert_close(sharded["params"], single["params"], 4, before=_initial())
     _assert_close(sharded["momentum"], single["momentum"], 4)
     assert sharded["totals"] == single["totals"]
