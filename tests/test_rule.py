@@ -30,7 +30,7 @@ from mmpareto_lightning import (
     min_norm_2,
     min_norm_simplex,
 )
-from mmpareto_lightning.rule import passes
+from mmpareto_lightning.rule import chunked, integrate_encoders, passes
 from mmpareto_lightning.rule.decide import decide as decide_grams
 from mmpareto_lightning.rule.passes import PIECE, SMALL, tensor_grams
 
@@ -405,6 +405,53 @@ def test_multi_tensor_path_matches_reference(
     gm, gu = CASES[case]
     ours, stats = integrate_tensor_lists([gm, gu], RuleConfig(strategy=strategy))
     assert_rule_output(ours, [gm, gu], strategy, stats=stats)
+
+
+@pytest.mark.parametrize("piece_chunks", [1, 2, 1 << 11])
+@pytest.mark.parametrize(("k", "dtype"), [(2, torch.float32), (3, torch.float32), (2, torch.float64)])
+def test_accelerator_path_in_float64_pieces_matches_reference(
+    piece_chunks: int, k: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The accelerator path widens PIECE_CHUNKS chunks at a time: pieces that end inside a tensor, a
+    # tensor over several pieces, two encoders in one call, ``out`` aliasing the unimodal gradients.
+    monkeypatch.setattr(passes, "_multi_tensor", lambda device: True)
+    monkeypatch.setattr(chunked, "PIECE_CHUNKS", piece_chunks)
+    shapes = ([(3, chunked.CHUNK + 7), (5,), (9, 11)], [(2 * chunked.CHUNK + 1,), (4, 4)])
+    first, second = (
+        [[t.to(dtype) for t in lst] for lst in _objectives(21 + i, k, s)] for i, s in enumerate(shapes)
+    )
+    inputs = [[[t.clone() for t in lst] for lst in enc] for enc in (first, second)]
+    results, stats = integrate_encoders([first, second], RuleConfig(), [first[1], second[1]])
+    for ours, given, s in zip(results, inputs, stats, strict=True):
+        assert_rule_output(ours, given, stats=s)
+
+
+def test_accelerator_path_float64_scratch_is_one_piece(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Beside one copy of the gradients in their dtype, the float64 temporaries hold at most a piece per
+    # objective (the widened piece) and one more (a product, the write's result): nothing of the
+    # encoder's size in float64.
+    monkeypatch.setattr(passes, "_multi_tensor", lambda device: True)
+    monkeypatch.setattr(chunked, "PIECE_CHUNKS", 2)
+    grads = _objectives(23, 2, [(3, 5 * chunked.CHUNK + 1), (7 * chunked.CHUNK,), (16, 3, 3, 3)])
+    allocations: list[tuple[torch.dtype, int]] = []
+
+    class RecordAllocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            leaves = pytree.tree_leaves((args, kwargs))
+            inputs = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
+            for t in pytree.tree_leaves(result):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                    allocations.append((t.dtype, t.untyped_storage().nbytes()))
+            return result
+
+    with RecordAllocations():
+        integrate_tensor_lists(grads, out=grads[1])
+    piece_bytes = 2 * chunked.CHUNK * 8
+    wide = [n for dtype, n in allocations if dtype == torch.float64]
+    assert wide and max(wide) <= 2 * piece_bytes
+    total = sum(chunked.chunked_sizes([t.numel() for t in grads[0]]))
+    assert max(n for _, n in allocations) <= 2 * total * 4  # the float32 rows
 
 
 def test_non_contiguous_and_half_precision_tensor_lists() -> None:

@@ -1,20 +1,25 @@
-"""The rule's passes on accelerators: gradients in chunk-aligned float64 rows, the Gram matrices and the
-write each as one batched matrix product, whatever the number of tensors.
+"""The rule's passes on accelerators: gradients in chunk-aligned rows, the Gram matrices and the write in
+float64 a piece at a time, with a fixed number of operations per piece whatever the number of tensors.
 
 On a GPU the rule is bound by kernel launches, not by arithmetic. Here every tensor of every objective
-starts at a multiple of :data:`CHUNK` entries in one zero-padded buffer per call, widened to float64
-(:class:`ChunkedGradients`): a chunk then belongs to exactly one tensor, so
+starts at a multiple of :data:`CHUNK` entries in one zero-padded buffer per call, in the gradients' own
+dtype (:class:`ChunkedGradients`): a chunk then belongs to exactly one tensor, so
 
-* the Gram matrices are one ``bmm`` of the ``(chunks, K, CHUNK)`` view with its transpose, giving each
-  chunk's ``K x K`` products summed, then one ``segment_reduce`` adding each tensor's chunks;
-* the write is one ``bmm`` of each chunk's coefficients ``(chunks, 1, K)`` with the same view, in
-  float64, rounded once to the gradients' dtype.
+* the Gram matrices are, per piece of :data:`PIECE_CHUNKS` chunks widened to float64, one elementwise
+  product and one sum over the chunk per pair of objectives (each chunk's ``K x K`` products), then one
+  ``segment_reduce`` adding each tensor's chunks;
+* the write is, per piece widened again, one ``bmm`` of each chunk's coefficients ``(chunks, 1, K)`` with
+  the ``(chunks, K, CHUNK)`` view, in float64, rounded once to the gradients' dtype.
 
 Both are exact-product float64 computations (see :mod:`.passes` for the precision statement and
-:func:`.passes.gram_error_bound`); no temporary holds more than the float64 rows (``2 K`` float32 copies
-of the gradients) and the result. Gradients that already lie in such a layout (:func:`chunk_layout`:
-the engine's buffers) are used in place and widened by one conversion; others are copied in by one
-multi-tensor copy, at the price of a view per tensor on the host (no kernel).
+:func:`.passes.gram_error_bound`). The float64 scratch is a piece's, not the gradients': at most
+``K + 1`` rows of ``PIECE_CHUNKS * CHUNK`` float64 entries (192 MiB for two objectives), beside one copy
+of the gradients in their own dtype. (Widening whole rows cost two float64 copies of every objective's
+gradients: 5.9 GB of scratch for two BERT-base encoders; and a ``bmm`` with ``2 x 2`` outputs per chunk
+ran at a third of the speed of the elementwise products on an H200.) Gradients that already lie in such
+a layout (:func:`chunk_layout`) are stacked by one copy; others are copied in by one multi-tensor copy,
+at the price of a view per tensor on the host (no kernel). The number of operations is a fixed number
+plus a fixed number per piece of 8M entries: it does not depend on the number of tensors.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from torch import Tensor
 
 from mmpareto_lightning.rule.constants import cached_tensor
 
-__all__ = ["CHUNK", "ChunkedGradients", "chunk_layout", "chunked_sizes"]
+__all__ = ["CHUNK", "PIECE_CHUNKS", "ChunkedGradients", "chunk_layout", "chunked_sizes"]
 
 #: Entries per chunk: the padding of each tensor (at most ``CHUNK - 1`` zeros) stays a few percent of an
 #: encoder, and a chunk's ``K x CHUNK`` block is a well-shaped matrix product.
 CHUNK = 1 << 12
+#: Chunks widened to float64 at a time (8M entries, 64 MiB a row): bounds the rule's float64 scratch.
+PIECE_CHUNKS = 1 << 11
 
 
 def chunked_sizes(sizes: Sequence[int]) -> list[int]:
@@ -60,11 +67,13 @@ def chunk_layout(tensors: Sequence[Tensor]) -> Tensor | None:
 
 
 class ChunkedGradients:
-    """``K`` objectives' gradients as float64 rows ``(K, chunks * CHUNK)``, chunk-aligned per tensor.
+    """``K`` objectives' gradients as rows ``(K, chunks * CHUNK)`` in their dtype, chunk-aligned per tensor.
 
     Args:
-        grads: ``K`` lists of ``T`` tensors (same shapes across lists).
+        grads: ``K`` lists of ``T`` tensors (same shapes across lists), float32 or float64.
         scale: a power of two to multiply by (float64 gradients; see :func:`.passes.common_scale`).
+        counts: the number of tensors of each encoder, when ``grads`` holds several encoders' tensors one
+            after another (each encoder's own buffers are then recognised).
     """
 
     def __init__(
@@ -85,15 +94,14 @@ class ChunkedGradients:
         if all(b is not None for row in buffers for b in row):
             # The engine's layout (a buffer per encoder and objective): the padding is zero already.
             joined = [row[0] if len(row) == 1 else torch.cat(row) for row in buffers]
-            rows = torch.stack(joined).to(torch.float64)  # type: ignore[arg-type]
+            rows = torch.stack(joined)  # type: ignore[arg-type]
         else:
-            rows = torch.zeros(k, total, dtype=torch.float64, device=self.device)
+            rows = torch.zeros(k, total, dtype=self.dtype, device=self.device)
             targets = [v for i in range(k) for v in self._views(rows[i])]
             torch._foreach_copy_(targets, [t for lst in grads for t in lst])
-        if scale is not None:
-            rows.mul_(scale)
         self.rows, self.scale = rows, scale
         self.chunks = total // CHUNK
+        self.pieces = [(a, min(a + PIECE_CHUNKS, self.chunks)) for a in range(0, self.chunks, PIECE_CHUNKS)]
 
     def _views(self, flat: Tensor) -> list[Tensor]:
         """Each tensor's place in a chunk-aligned flat buffer, in the tensor's shape."""
@@ -102,8 +110,12 @@ class ChunkedGradients:
             for part, n, shape in zip(flat.split(self.padded), self.sizes, self.shapes, strict=True)
         ]
 
-    def _blocks(self) -> Tensor:
-        return self.rows.view(self.rows.shape[0], self.chunks, CHUNK).transpose(0, 1)  # (chunks, K, CHUNK)
+    def _wide(self, first: int, last: int) -> Tensor:
+        """Chunks ``first:last`` of every row in float64, scaled: ``(K, last - first, CHUNK)``."""
+        piece = self.rows[:, first * CHUNK : last * CHUNK].to(torch.float64)
+        if self.scale is not None:
+            piece = piece * self.scale  # out of place: float64 rows are the gradients themselves
+        return piece.view(piece.shape[0], last - first, CHUNK)
 
     def _chunk_counts(self) -> Tensor:
         device = self.device
@@ -113,16 +125,30 @@ class ChunkedGradients:
         )
 
     def grams(self) -> Tensor:
-        """``(T, K, K)`` float64 Gram matrices: one batched matrix product, one segmented sum."""
-        blocks = self._blocks()
+        """``(T, K, K)`` float64 Gram matrices: per piece, an elementwise product and a sum per pair of
+        objectives; then one segmented sum over each tensor's chunks."""
+        k = self.rows.shape[0]
+        pairs = [(i, j) for i in range(k) for j in range(i, k)]
+        per_piece = []
+        for first, last in self.pieces:
+            wide = self._wide(first, last)
+            per_piece.append(torch.stack([(wide[i] * wide[j]).sum(1) for i, j in pairs], 1))
+        products = per_piece[0] if len(per_piece) == 1 else torch.cat(per_piece)  # (chunks, pairs)
         # unsafe=True: the lengths are right by construction, and the safe path checks them on the host
         # (two reads of device values: a stall per call on a GPU).
-        products = torch.bmm(blocks, blocks.transpose(1, 2))
-        return torch.segment_reduce(products, "sum", lengths=self._chunk_counts(), axis=0, unsafe=True)
+        sums = torch.segment_reduce(products, "sum", lengths=self._chunk_counts(), axis=0, unsafe=True)
+        device = self.device
+        symmetric = cached_tensor(
+            ("pair of entry", k, device),
+            lambda: torch.tensor(
+                [pairs.index((min(i, j), max(i, j))) for i in range(k) for j in range(k)], device=device
+            ),
+        )
+        return sums.index_select(1, symmetric).view(-1, k, k)
 
     def write(self, coefficients: Tensor, out: Sequence[Tensor] | None) -> list[Tensor]:
         """``h[t] = sum_i coefficients[i, t] g_i[t]`` computed in float64 and rounded once, into ``out``
-        (or new tensors). ``out`` may alias the inputs: they were copied (or widened) already."""
+        (or new tensors). ``out`` may alias the inputs: they were copied already."""
         device = self.device
         owner = cached_tensor(
             ("chunk owner", tuple(self.padded), device),
@@ -131,18 +157,21 @@ class ChunkedGradients:
             ),
         )
         per_chunk = coefficients.to(torch.float64).index_select(1, owner).t().unsqueeze(1)  # (chunks, 1, K)
-        wide = torch.bmm(per_chunk, self._blocks()).view(-1)
-        if self.scale is not None:
-            wide = wide / self.scale  # exact: a power of two
+        result = self.rows[0]  # a piece's gradients are read (widened) before its result is written
+        for first, last in self.pieces:
+            wide = torch.bmm(per_chunk[first:last], self._wide(first, last).transpose(0, 1)).view(-1)
+            if self.scale is not None:
+                wide = wide / self.scale  # exact: a power of two
+            result[first * CHUNK : last * CHUNK].copy_(wide)
         if out is None:
-            return self._views(wide.to(self.dtype))
+            return self._views(result)
         targets = list(out)
         buffers = [chunk_layout(targets[a:b]) for a, b in self.runs]
         if all(b is not None for b in buffers):
             # The engine's layout: one copy per encoder (the padding stays zero).
-            parts = [wide] if len(buffers) == 1 else wide.split([b.numel() for b in buffers])  # type: ignore[union-attr]
+            parts = [result] if len(buffers) == 1 else result.split([b.numel() for b in buffers])  # type: ignore[union-attr]
             for buffer, part in zip(buffers, parts, strict=True):
                 buffer.copy_(part)  # type: ignore[union-attr]
         else:
-            torch._foreach_copy_(targets, self._views(wide.to(self.dtype)))
+            torch._foreach_copy_(targets, self._views(result))
         return targets
