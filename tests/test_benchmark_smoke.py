@@ -437,3 +437,17 @@ def test_gpu_checks_commands_are_valid(bench: ModuleType) -> None:
     assert "tests/test_gpu.py" in files
     root = BENCHMARKS.parent
     assert all("mark.gpu" in (root / f).read_text(encoding="utf-8") for f in files)
+
+
+def test_rule_alone_script_runs_on_cpu(tmp_path: Path) -> None:
+    # The README's rule-alone figures come from this script (on CUDA); on CPU it runs and reports.
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "rule_alone.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--models", "resnet18", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = r"resnet18: 2 encoders x 60 tensors, 11176512 entries each; one call: median \d"
+    assert re.search(expected, result.stdout)
