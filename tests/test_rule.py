@@ -454,6 +454,16 @@ def test_accelerator_path_float64_scratch_is_one_piece(monkeypatch: pytest.Monke
     assert max(n for _, n in allocations) <= 2 * total * 4  # the float32 rows
 
 
+def test_accelerator_path_new_tensors_hold_one_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without ``out`` the result is new tensors: they must not keep the K rows of the copy alive.
+    monkeypatch.setattr(passes, "_multi_tensor", lambda device: True)
+    grads = _objectives(24, 3, [(3, chunked.CHUNK + 1), (5,)])
+    ours, stats = integrate_tensor_lists(grads)
+    total = sum(chunked.chunked_sizes([t.numel() for t in grads[0]]))
+    assert ours[0].untyped_storage().nbytes() == total * 4
+    assert_rule_output(ours, grads, stats=stats)
+
+
 def test_non_contiguous_and_half_precision_tensor_lists() -> None:
     grads = _objectives(8, 2, [(300, 400), (5, 6)])
     transposed = [[lst[0].t(), lst[1]] for lst in grads]  # a non-contiguous gradient

@@ -157,7 +157,9 @@ class ChunkedGradients:
             ),
         )
         per_chunk = coefficients.to(torch.float64).index_select(1, owner).t().unsqueeze(1)  # (chunks, 1, K)
-        result = self.rows[0]  # a piece's gradients are read (widened) before its result is written
+        # Into the first row (a piece's gradients are widened before its result is written), or, for new
+        # tensors, a buffer of their own: views of the rows would keep all K rows alive.
+        result = self.rows[0] if out is not None else torch.empty_like(self.rows[0])
         for first, last in self.pieces:
             wide = torch.bmm(per_chunk[first:last], self._wide(first, last).transpose(0, 1)).view(-1)
             if self.scale is not None:
