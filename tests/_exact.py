@@ -126,6 +126,22 @@ class ExpectedUpdate(dict):
         return out, coef
 
 
+def recorded_gradients(
+    losses: Mapping[str, torch.Tensor], params: list[torch.Tensor]
+) -> dict[str, list[torch.Tensor]]:
+    """Loss name -> detached gradient of that loss w.r.t. each of ``params`` (zeros where it does not
+    reach), taken on the step's own graph (kept for the step's backward)."""
+    return {
+        name: [
+            torch.zeros_like(p) if g is None else g.detach().clone()
+            for p, g in zip(
+                params, torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True), strict=True
+            )
+        ]
+        for name, loss in losses.items()
+    }
+
+
 def expected_deltas(
     model: nn.Module,
     encoders: Callable[[nn.Module], Mapping[str, nn.Module]],

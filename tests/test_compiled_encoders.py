@@ -19,7 +19,7 @@ import torch._functorch.config as functorch_config
 import torch.compiler.config as compiler_config
 import torch.nn.functional as F
 from _bounds import U32, assert_within, gamma
-from _exact import ExpectedUpdate, expected_deltas
+from _exact import ExpectedUpdate, expected_deltas, recorded_gradients
 from _models import trainer_kwargs
 from _reference import decision_sensitivity, h_bound, reference_rule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -76,18 +76,7 @@ class TokenNet(MMParetoModule):
         if getattr(self, "record", False):
             # Each loss's gradient on the step's own graph, through the compiled regions' own backward
             # (the split's graph-keeping calls run inside this capture block too, under the same settings).
-            params = list(self.parameters())
-            self.recorded = {
-                name: [
-                    torch.zeros_like(p) if g is None else g.detach().clone()
-                    for p, g in zip(
-                        params,
-                        torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True),
-                        strict=True,
-                    )
-                ]
-                for name, loss in losses.items()
-            }
+            self.recorded = recorded_gradients(losses, list(self.parameters()))
         return losses
 
     def configure_optimizers(self):

@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from _exact import ExpectedUpdate
+from _exact import ExpectedUpdate, recorded_gradients
 from _models import MultiModalNet, make_loader, trainer_kwargs
 from _reference import decision_sensitivity, h_bound, kkt_alpha_is_optimal, reference_rule, unit_round_off
 
@@ -25,18 +25,7 @@ from mmpareto_lightning import MMParetoCallback
 class RecordingNet(MultiModalNet):
     def training_step(self, batch, batch_idx):
         losses = self.losses(batch)
-        params = list(self.parameters())
-        self.recorded = {
-            name: [
-                torch.zeros_like(p) if g is None else g.detach().clone()
-                for p, g in zip(
-                    params,
-                    torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True),
-                    strict=True,
-                )
-            ]
-            for name, loss in losses.items()
-        }
+        self.recorded = recorded_gradients(losses, list(self.parameters()))
         return losses
 
 
