@@ -4,6 +4,7 @@ clear error. One test (or a few) per numbered case of the issue "No silent wrong
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 from collections import OrderedDict
 from dataclasses import dataclass, fields
@@ -418,6 +419,64 @@ def test_a_skipped_step_keeps_steps_and_schedules_consistent() -> None:
     assert callback.skipped_steps == 1 and callback.optimizer_steps == 8
 
 
+class RecordLosses(pl.Callback):
+    """Each batch's losses as the training step returned them (float32, on the host)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.rows.append({k: float(v) for k, v in outputs.items()})
+
+
+def _assert_epoch_means(trainer: pl.Trainer, rows: list[dict[str, float]]) -> None:
+    # The plugin adds at most 4 positive float32 values in float64 and divides once: relative error
+    # below 6 * 2**-53 of the mean; 1e-12 leaves room.
+    assert rows
+    for key in rows[0]:
+        want = math.fsum(r[key] for r in rows) / len(rows)
+        name = "mmpareto/loss_epoch" if key == "loss" else f"mmpareto/loss_{key}_epoch"
+        got = float(trainer.callback_metrics[name])
+        assert abs(got - want) <= 1e-12 * abs(want), (name, got, want)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_skipped_step_enters_every_loss_mean_with_zero_weight(accumulate: int) -> None:
+    # A NaN unimodal loss skips the optimizer step: none of that step's losses (the finite ones too, and
+    # the other batch of its accumulation window) may enter the epoch means.
+    class NanAudioAtSecondBatch(Net):
+        def training_step(self, batch, batch_idx):
+            losses = self.losses(batch)
+            if batch_idx == 1:
+                losses["audio"] = losses["audio"] * float("nan")
+            return losses
+
+    torch.manual_seed(0)
+    record = RecordLosses()
+    callback = MMParetoCallback(accumulate_grad_batches=accumulate)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[callback, record], **trainer_kwargs())
+    with pytest.warns(RuntimeWarning, match="step was skipped"):
+        trainer.fit(NanAudioAtSecondBatch(), make_loader(2, size=64, batch_size=16))  # 4 batches
+    assert callback.skipped_steps == 1 and len(record.rows) == 4
+    skipped = {1} if accumulate == 1 else {0, 1}
+    _assert_epoch_means(trainer, [r for i, r in enumerate(record.rows) if i not in skipped])
+
+
+def test_float64_losses_beyond_float32_range_enter_the_means() -> None:
+    # Finite float64 losses of 1e45 (float32 overflows at 3.4e38) train and are averaged, not dropped.
+    class Huge(Net):
+        def training_step(self, batch, batch_idx):
+            return {k: v * 1e45 for k, v in self.losses(batch).items()}
+
+    torch.manual_seed(0)
+    record = RecordLosses()
+    callback = MMParetoCallback()
+    trainer = pl.Trainer(max_epochs=1, callbacks=[callback, record], **trainer_kwargs(precision="64-true"))
+    trainer.fit(Huge(), make_loader(2, size=32, batch_size=16))
+    assert callback.skipped_steps == 0 and min(r["loss"] for r in record.rows) > 1e45
+    _assert_epoch_means(trainer, record.rows)
+
+
 # ---------------------------------------------------------------- 8. two callbacks
 def test_two_callbacks_are_refused() -> None:
     # Two with the same settings: Lightning itself refuses them (same state key).
@@ -445,6 +504,40 @@ def test_the_users_log_keys_are_never_overwritten() -> None:
     assert float(trainer.callback_metrics["train/loss"]) == 123.0
     assert float(trainer.callback_metrics["loss"]) == 7.0
     assert "mmpareto/loss_step" in trainer.callback_metrics
+
+
+PLUGIN_KEYS = ["mmpareto/loss", "mmpareto/loss_audio_step", "mmpareto/skipped_steps", "mmpareto/visual/x"]
+
+
+@pytest.mark.parametrize("name", PLUGIN_KEYS)
+@pytest.mark.parametrize("hook", ["training_step", "validation_step"])
+def test_a_plugin_key_logged_by_the_user_is_refused(name: str, hook: str) -> None:
+    # The user's value and the plugin's would overwrite each other silently in the logger.
+    class Logs(Net):
+        def training_step(self, batch, batch_idx):
+            if hook == "training_step":
+                self.log(name, 1000.0, on_step=True, on_epoch=True)
+            return self.losses(batch)
+
+        def validation_step(self, batch, batch_idx):
+            self.log(name, 1000.0)
+
+    settings = trainer_kwargs(limit_val_batches=1, val_check_interval=1)
+    trainer = pl.Trainer(max_steps=2, callbacks=[MMParetoCallback()], **settings)
+    with pytest.raises(MisconfigurationException, match=r"MMParetoCallback's own.*Log it under another name"):
+        trainer.fit(Logs(), make_loader(2), make_loader(2, size=16))
+
+
+def test_other_keys_under_the_plugins_prefix_are_the_users() -> None:
+    class Logs(Net):
+        def training_step(self, batch, batch_idx):
+            self.log("mmpareto/custom", 45.0)
+            self.log("mmpareto/audio_extra", 46.0)  # not under an encoder's folder
+            return self.losses(batch)
+
+    trainer = _fit(Logs(), steps=2)
+    assert float(trainer.callback_metrics["mmpareto/custom"]) == 45.0
+    assert float(trainer.callback_metrics["mmpareto/audio_extra"]) == 46.0
 
 
 # ---------------------------------------------------------------- 10. the Tuner

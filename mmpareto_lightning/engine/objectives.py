@@ -98,7 +98,8 @@ def not_reaching_message(
         return (
             f"The {role} loss {loss_name!r} does not depend on encoder {enc!r}, so there is nothing "
             "to integrate. Compute it from that encoder's output (for the unimodal loss: a unimodal "
-            "head on the encoder's features)."
+            "head on the encoder's features). On a batch where the encoder must stay out (a missing "
+            "modality, or one left out of the fusion), do not call it and leave its loss out."
         )
     path = (
         f"the encoder returned part of its output inside {describe_objects(opaque)}, which MMPareto cannot "

@@ -32,6 +32,7 @@ from mmpareto_lightning.lightning.recording import (
     Totals,
     is_logging_step,
     monitored_keys,
+    plugin_key,
     skipped_step_message,
 )
 from mmpareto_lightning.lightning.sharding import check_sharded_module, is_sharded_strategy
@@ -169,6 +170,8 @@ class MMParetoCallback(Callback):
 
         self.in_step = False
         self._batch_seen = False
+        # While the plugin logs its own keys (the user's `self.log` may not use them).
+        self._own_logging = False
         # A window of the split-free baselines (diagnostics=False) has gradients waiting in .grad.
         self._cheap_window_open = False
         # The loss of the current window (sum of the named losses, / N under accumulation): what the
@@ -452,7 +455,8 @@ class MMParetoCallback(Callback):
         )
         self._metrics.update_losses(loss_values)
         if self.log_on_step and is_logging_step(trainer):
-            pl_module.log_dict(self._metrics.loss_step_values(loss_values), on_step=True, on_epoch=False)
+            step_values = self._metrics.loss_step_values(loss_values)
+            self._log(pl_module.log_dict, step_values, on_step=True, on_epoch=False)
         return {"loss": loss_values["loss"], **detached}
 
     def _finish_window(self, trainer: pl.Trainer, pl_module: MMParetoModule, optimizer: Any) -> None:
@@ -508,6 +512,7 @@ class MMParetoCallback(Callback):
     ) -> None:
         assert self._metrics is not None
         self._metrics.update(stats, valid)
+        self._metrics.close_loss_window(valid)
         self._totals.add(stats, valid)
         values: dict[str, Tensor] = {}
         # The cumulative counts: on every step when something monitors the plugin's keys (so a
@@ -518,7 +523,27 @@ class MMParetoCallback(Callback):
         if self.log_on_step and logging_step:
             values.update(self._metrics.step_values(stats))
         if values:
-            pl_module.log_dict(values, on_step=True, on_epoch=False)
+            self._log(pl_module.log_dict, values, on_step=True, on_epoch=False)
+
+    def _log(self, log: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        self._own_logging = True
+        try:
+            log(*args, **kwargs)
+        finally:
+            self._own_logging = False
+
+    def check_log_key(self, name: str) -> None:
+        """Refuse a key of the plugin's own logged by the user's code (called by ``MMParetoModule.log``)."""
+        if self._own_logging or self._metrics is None:
+            return
+        if plugin_key(name, self._metrics.encoder_names):
+            raise MisconfigurationException(
+                f"`self.log({name!r}, ...)`: keys under 'mmpareto/loss', 'mmpareto/skipped_steps' and "
+                "'mmpareto/<encoder>/' are MMParetoCallback's own (it logs every loss, their sum, the "
+                "skipped steps and each encoder's diagnostics there), so your value and the plugin's would "
+                "overwrite each other in the logger and in `trainer.callback_metrics`. Log it under another "
+                "name (any other key, 'mmpareto/<something else>' included)."
+            )
 
     # ------------------------------------------------------------------ hooks
     def on_train_batch_end(
@@ -547,9 +572,8 @@ class MMParetoCallback(Callback):
             pl_module._metric_attributes = None
             for key, metric in metrics.items():
                 if metric.update_called:
-                    pl_module.log(
-                        key, metric, on_step=False, on_epoch=True, prog_bar=key == "mmpareto/loss_epoch"
-                    )
+                    bar = key == "mmpareto/loss_epoch"
+                    self._log(pl_module.log, key, metric, on_step=False, on_epoch=True, prog_bar=bar)
                     logged[key] = metric
         elif self._metrics is not None:
             self._metrics.reset()

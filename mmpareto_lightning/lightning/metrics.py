@@ -35,6 +35,10 @@ def _mean() -> MeanMetric:
     return MeanMetric(nan_strategy="disable", sync_on_compute=False)
 
 
+def _loss_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _sum() -> SumMetric:
     return SumMetric(nan_strategy="disable", sync_on_compute=False)
 
@@ -104,6 +108,9 @@ class MMParetoMetrics(nn.Module):
         self.losses: dict[str, MeanMetric] = {}
         self._loss_names: list[str] = []
         self._loss_running: Tensor | None = None  # (2, L): sum of finite losses, count of finite ones
+        # The current optimizer step's batches (names, (2, L)): they enter the sums with the step's
+        # weight, 0 for a skipped step, once the step is decided (close_loss_window).
+        self._loss_window: list[tuple[list[str], Tensor]] = []
         self._epoch_losses: dict[str, Tensor] = {}  # name -> (2,): the epoch's sum and count so far
 
     # ------------------------------------------------------------------ losses
@@ -115,15 +122,26 @@ class MMParetoMetrics(nn.Module):
         return values
 
     def update_losses(self, values: Mapping[str, Tensor]) -> None:
-        """Add one step's :meth:`loss_values` (device ops only: nothing is read back)."""
-        names = list(values)
-        if names != self._loss_names:
-            self._flush_losses()
-            self._loss_names = names
-        stacked = torch.stack(list(values.values())).float()
+        """Hold one batch's :meth:`loss_values` until its optimizer step is decided (device ops only:
+        nothing is read back). Sums are float64 (float32 on MPS): a float64 model's finite losses beyond
+        float32's range must not read as non-finite."""
+        stacked = torch.stack(list(values.values()))
+        stacked = stacked.to(_loss_dtype(stacked.device))
         finite = torch.isfinite(stacked)
-        step = torch.stack([torch.where(finite, stacked, 0.0), finite.float()])
-        self._loss_running = step if self._loss_running is None else self._loss_running + step
+        step = torch.stack([torch.where(finite, stacked, 0.0), finite.to(stacked.dtype)])
+        self._loss_window.append((list(values), step))
+
+    def close_loss_window(self, valid: Tensor | None = None) -> None:
+        """The optimizer step of the held batches is decided: they enter the epoch's means with weight
+        ``valid`` (0-d bool tensor; ``False`` for a skipped step, as the rule's statistics do)."""
+        for names, step in self._loss_window:
+            if names != self._loss_names:
+                self._flush_losses()
+                self._loss_names = names
+            if valid is not None:
+                step = step * valid.to(step.dtype)
+            self._loss_running = step if self._loss_running is None else self._loss_running + step
+        self._loss_window = []
 
     def loss_step_values(self, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``f"{prefix}/loss_<name>_step"`` -> the step's rank-local loss (from :meth:`loss_values`)."""
@@ -141,6 +159,7 @@ class MMParetoMetrics(nn.Module):
     def _epoch_loss_metrics(self, gather: Callable[[Any], list[Any]] | None) -> None:
         """Fold the epoch's loss sums into the loss metrics: this rank's, or with ``gather`` (every rank's
         value of its argument, in rank order) the sums and counts of all ranks, the same on every rank."""
+        self.close_loss_window()  # (accumulation windows end with the epoch: normally nothing is left)
         self._flush_losses()
         local, self._epoch_losses = self._epoch_losses, {}
         if gather is None:
@@ -156,13 +175,12 @@ class MMParetoMetrics(nn.Module):
                     acc[0] += total
                     acc[1] += count
             device = self._device()
-            totals = {
-                key: (torch.tensor(t, device=device), torch.tensor(c, device=device))
-                for key, (t, c) in merged.items()
-            }
+            kind = {"dtype": _loss_dtype(device), "device": device}
+            totals = {k: (torch.tensor(v, **kind), torch.tensor(c, **kind)) for k, (v, c) in merged.items()}
         for key, (total, count) in totals.items():
             if key not in self.losses:
                 self.losses[key] = _mean().to(self._device())
+                self.losses[key].set_dtype(_loss_dtype(self._device()))
                 self._loss_metrics.append(self.losses[key])
             self.losses[key].update(total / count.clamp_min(1), count)
 
@@ -253,6 +271,7 @@ class MMParetoMetrics(nn.Module):
     def reset(self) -> None:
         """Drop the epoch's values without logging them (``log_on_epoch=False``)."""
         self.flush()
+        self._loss_window = []
         self._flush_losses()
         self._epoch_losses = {}
         for metric in self.modules():

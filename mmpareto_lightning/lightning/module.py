@@ -37,6 +37,8 @@ class TrainingStepDriver(Protocol):
         self, module: MMParetoModule, step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any: ...
 
+    def check_log_key(self, name: str) -> None: ...
+
 
 _DRIVERS: weakref.WeakKeyDictionary[MMParetoModule, TrainingStepDriver] = weakref.WeakKeyDictionary()
 
@@ -181,6 +183,12 @@ class MMParetoModule(pl.LightningModule):
                 "add a gradient the rule never sees)."
             )
         super().manual_backward(loss, *args, **kwargs)
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        driver = _DRIVERS.get(self)
+        if driver is not None:
+            driver.check_log_key(name)  # the plugin's own keys are refused to the user's code
+        super().log(name, value, *args, **kwargs)
 
     def mmpareto_encoders(self) -> Mapping[str, nn.Module]:
         """Name -> encoder submodule that receives the MMPareto update (a dict or an ``nn.ModuleDict``).

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from mmpareto_lightning.rule import RuleStats
 
-__all__ = ["Totals", "is_logging_step", "monitored_keys", "skipped_step_message"]
+__all__ = ["Totals", "is_logging_step", "monitored_keys", "plugin_key", "skipped_step_message"]
 
 
 class Totals:
@@ -100,3 +100,17 @@ def is_logging_step(trainer: pl.Trainer) -> bool:
     """Whether Lightning writes logs this step (``log_every_n_steps``): step values are logged only then."""
     connector = getattr(trainer, "_logger_connector", None)
     return bool(getattr(connector, "should_update_logs", True) or trainer.fast_dev_run)
+
+
+def plugin_key(name: str, encoders: Iterable[str]) -> bool:
+    """Whether a logged key lies in the plugin's own key space: ``mmpareto/loss*``,
+    ``mmpareto/skipped_steps`` and ``mmpareto/<encoder>/*`` (a user's key there would be overwritten by,
+    or overwrite, the plugin's value of the same name; Lightning adds ``_step`` / ``_epoch`` suffixes)."""
+    if not name.startswith("mmpareto/"):
+        return False
+    rest = name[len("mmpareto/") :]
+    return (
+        rest.startswith("loss")
+        or rest.startswith("skipped_steps")
+        or any(rest.startswith(f"{encoder}/") for encoder in encoders)
+    )
