@@ -56,13 +56,14 @@ def check_graph(
     seen: set[object] = set()
     for name, loss in losses.items():
         stack = [loss.grad_fn]
+        where = f"the heads of loss {name!r}"
         while stack:
             node = stack.pop()
             if node is None or node in seen or node in stops:
                 continue
             seen.add(node)
             if inspect is not None:
-                inspect(node, f"the heads of loss {name!r}")
+                inspect(node, where)
             variable = getattr(node, "variable", None)
             if variable is not None and id(variable) in owner and variable.requires_grad:
                 raise GradientSplittingError(
@@ -79,13 +80,14 @@ def check_graph(
         walked: set[object] = set()
         stack = [o.alias.grad_fn for o in captured[enc]]
         own = {o.alias.grad_fn for o in captured[enc]}
+        where = f"encoder {enc!r}"
         while stack:
             node = stack.pop()
             if node is None or node in walked:
                 continue
             walked.add(node)
             if inspect is not None:
-                inspect(node, f"encoder {enc!r}")
+                inspect(node, where)
             if node in boundary and node not in own:
                 raise GradientSplittingError(
                     f"Encoder {enc!r} is computed from the output of encoder {boundary[node]!r}: "
