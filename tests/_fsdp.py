@@ -261,11 +261,12 @@ class SaveState(pl.Callback):
             "totals": callback.totals,
             "skipped": callback.skipped_steps,
             "steps": trainer.global_step,
-            # The rule's metrics (not the rank-local losses).
+            # The rule's metrics and the epoch's loss means (global: every rank's steps), not the
+            # rank-local step losses.
             "metrics": {
                 k: float(v)
                 for k, v in trainer.callback_metrics.items()
-                if k.startswith("mmpareto/") and "loss" not in k
+                if k.startswith("mmpareto/") and (not k.startswith("mmpareto/loss") or k.endswith("_epoch"))
             },
         }
         torch.save(state, os.path.join(self.directory, f"rank{trainer.global_rank}.pt"))

@@ -157,6 +157,8 @@ def test_compare_on_a_users_model_with_its_own_metrics_and_one_seed(tmp_path):
     md = (tmp_path / "cmp" / "results.md").read_text()
     assert "| Strategy | test_accuracy (%) | Acc (%) | Conflict rate a (%) | Conflict rate b (%) |" in md
     assert "Empty columns (no run logged them): test/acc." in md
+    # The footnote names the columns chosen, not the example models' defaults.
+    assert "Columns: the test metrics named by --metrics" in md and "Macro-F1: fusion head" not in md
     tables = [line for line in md.splitlines() if line.startswith("|")]
     assert not any("\u00b1" in t or "[" in t for t in tables)  # one seed: no spread, no interval
     assert "| MMPareto \u2212 uniform \u00d71.5 | " in md

@@ -167,6 +167,7 @@ def plot_dynamics(
         ax[4].set_title("Pareto-stationary steps (cumulative)", fontsize=10)
         ax[4].set_ylabel("count")
         ax[4].set_xlabel("training step")
+        ax[4].xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers
         events = max((_peak(line) for line in ax[4].lines), default=0.0)
         ax[4].set_ylim(-0.05 * max(events, 1), 1.1 * max(events, 1))
         if events == 0:

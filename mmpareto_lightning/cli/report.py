@@ -234,8 +234,13 @@ def write_report(
             if len(seeds) == 1
             else "Mean ± sample std over seeds"
         )
-        + ". Acc and Macro-F1: fusion head; Acc <encoder> head: that unimodal head; conflict rate: share of "
-        "training steps with a gradient conflict on the encoder (cos β ≤ 0). n/a: not logged.",
+        + (
+            ". Acc and Macro-F1: fusion head; Acc <encoder> head: that unimodal head"
+            if not metrics
+            else ". Columns: the test metrics named by --metrics"
+        )
+        + "; conflict rate: share of training steps with a gradient conflict on the encoder (cos β ≤ 0). "
+        "n/a: not logged.",
     ]
     if differences:
         lines += [

@@ -302,9 +302,10 @@ class MMParetoCallback(Callback):
             if self.log_totals_every_step is not None
             else any(key.startswith("mmpareto/") for key in monitored_keys(trainer, pl_module))
         )
-        if trainer.world_size > 1 and not is_sharded_strategy(trainer.strategy):
-            # After the strategy's setup: the process group exists and the model is wrapped. (Under
-            # FSDP the ranks agree on each step's backward passes in the engine instead.)
+        if trainer.world_size > 1:
+            # After the strategy's setup: the process group exists and the model is wrapped. Under FSDP
+            # the ranks agree on each step's backward passes in the engine instead (the splitter ignores
+            # this agreement there); the epoch's loss means are exchanged through it in both cases.
             strategy = trainer.strategy
             self._ranks = RankAgreement(
                 every_encoder_needed=isinstance(strategy, DDPStrategy)
