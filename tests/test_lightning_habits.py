@@ -400,16 +400,22 @@ def test_accumulation_set_in_both_places_differently_is_refused() -> None:
 
 
 # ---------------------------------------------------------------- 7. skipped steps and schedules
-def test_a_skipped_step_keeps_steps_and_schedules_consistent() -> None:
-    class InfAtSecondStep(OneCycle):
+def _audio_times_at_second_batch(base: type, factor: float) -> type:
+    """``base`` whose audio loss is multiplied by ``factor`` on the second batch of an epoch."""
+
+    class Scaled(base):
         def training_step(self, batch, batch_idx):
             losses = self.losses(batch)
             if batch_idx == 1:
-                losses["audio"] = losses["audio"] * float("inf")
+                losses["audio"] = losses["audio"] * factor
             return losses
 
+    return Scaled
+
+
+def test_a_skipped_step_keeps_steps_and_schedules_consistent() -> None:
     torch.manual_seed(0)
-    model = InfAtSecondStep()
+    model = _audio_times_at_second_batch(OneCycle, float("inf"))()
     callback = MMParetoCallback()
     trainer = pl.Trainer(max_steps=8, callbacks=[callback], **trainer_kwargs())
     with pytest.warns(RuntimeWarning, match="step was skipped"):
@@ -444,19 +450,12 @@ def _assert_epoch_means(trainer: pl.Trainer, rows: list[dict[str, float]]) -> No
 def test_a_skipped_step_enters_every_loss_mean_with_zero_weight(accumulate: int) -> None:
     # A NaN unimodal loss skips the optimizer step: none of that step's losses (the finite ones too, and
     # the other batch of its accumulation window) may enter the epoch means.
-    class NanAudioAtSecondBatch(Net):
-        def training_step(self, batch, batch_idx):
-            losses = self.losses(batch)
-            if batch_idx == 1:
-                losses["audio"] = losses["audio"] * float("nan")
-            return losses
-
     torch.manual_seed(0)
     record = RecordLosses()
     callback = MMParetoCallback(accumulate_grad_batches=accumulate)
     trainer = pl.Trainer(max_epochs=1, callbacks=[callback, record], **trainer_kwargs())
     with pytest.warns(RuntimeWarning, match="step was skipped"):
-        trainer.fit(NanAudioAtSecondBatch(), make_loader(2, size=64, batch_size=16))  # 4 batches
+        trainer.fit(_audio_times_at_second_batch(Net, float("nan"))(), make_loader(2, size=64, batch_size=16))
     assert callback.skipped_steps == 1 and len(record.rows) == 4
     skipped = {1} if accumulate == 1 else {0, 1}
     _assert_epoch_means(trainer, [r for i, r in enumerate(record.rows) if i not in skipped])
