@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mmpareto_lightning.distributed.collectives import HostExchange
+
 try:  # torch >= 2.5
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover - older torch
@@ -47,6 +49,7 @@ __all__ = [
     "is_dtensor",
     "keep_gathered",
     "local_tensors",
+    "unsharded_names",
 ]
 
 # Loss-reach masks travel as int64 bit fields.
@@ -60,6 +63,11 @@ class ShardingError(ValueError):
 def is_dtensor(tensor: Any) -> bool:
     """Whether ``tensor`` is a ``DTensor`` (a sharded or replicated parameter or gradient)."""
     return isinstance(tensor, DTensor)
+
+
+def unsharded_names(names: Sequence[str]) -> str:
+    """The names of parameters that should be shards, for a refusal: the first five and how many more."""
+    return f"{list(names[:5])}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def local_tensors(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -189,16 +197,15 @@ class ShardedEncoders:
         self._device_types: dict[str, str] = {}
         # Between begin() and agree() / abandon(): the other ranks wait for this rank's row.
         self.pending = False
-        self._agreement_group: Any = None
+        self._host: HostExchange | None = None  # made at the first sharded step, on every rank
         mesh_ranks: set[tuple[int, ...]] = set()
         for enc in self.encoders:
             params = self._named(enc)
             plain = [n for n, p in params if not isinstance(p, DTensor)]
             if plain:
                 raise ShardingError(
-                    f"Encoder {enc!r} has parameters that are not sharded: {plain[:5]}"
-                    + (f" and {len(plain) - 5} more" if len(plain) > 5 else "")
-                    + ". Under FSDP nothing averages an unsharded parameter's gradient across ranks. "
+                    f"Encoder {enc!r} has parameters that are not sharded: {unsharded_names(plain)}. "
+                    "Under FSDP nothing averages an unsharded parameter's gradient across ranks. "
                     "Apply `fully_shard` to every encoder module itself (after its submodules), and to "
                     "every head."
                 )
@@ -403,18 +410,17 @@ class ShardedEncoders:
             self.pending = False
             self._all_gather(torch.zeros(2 + 3 * len(self.encoders), dtype=torch.int64))
 
-    def _agreement(self) -> Any:
-        """A process group that carries CPU tensors: the default group under gloo, else a gloo group
-        over all ranks, made once (every rank makes it at the same point: the first sharded step)."""
-        if self._agreement_group is None:
-            backend = str(dist.get_backend())
-            self._agreement_group = dist.group.WORLD if "gloo" in backend else dist.new_group(backend="gloo")
-        return self._agreement_group
+    def _exchange(self) -> HostExchange:
+        """Exchanges of CPU tensors and host values over all ranks (a gloo group), made once: every rank
+        makes it at the same point, the first sharded step."""
+        if self._host is None:
+            self._host = HostExchange()
+        return self._host
 
     def _all_gather(self, row: Tensor) -> Tensor:
         if not dist.is_initialized():
             return row[None]
-        group = self._agreement()
+        group = self._exchange().group
         rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
         dist.all_gather(rows, row, group=group)
         return torch.stack(rows)
@@ -422,7 +428,4 @@ class ShardedEncoders:
     def _all_gather_object(self, obj: Any) -> list[Any]:
         if not dist.is_initialized():
             return [obj]
-        group = self._agreement()
-        out: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(out, obj, group=group)
-        return out
+        return self._exchange().gather(obj)

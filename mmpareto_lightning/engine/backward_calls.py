@@ -97,19 +97,7 @@ def extra_objectives(
                     # The graph reaches the encoder's output, but no gradient flows back (a custom
                     # function that returns none): as if the loss did not depend on the encoder.
                     raise GradientSplittingError(not_reaching(layout.name, name, "multimodal", losses[name]))
-                new = []
-                for i, (p, g) in enumerate(zip(layout.params, own, strict=True)):
-                    if g is None:
-                        g = torch.zeros_like(p)
-                    else:
-                        layout.reached[i] = True
-                    new.append(g)
-                if not layout.grads:
-                    layout.grads = [[] for _ in layout.objectives]
-                if layout.grads[k]:
-                    torch._foreach_add_(layout.grads[k], new)
-                else:
-                    layout.grads[k] = new
+                layout.add_gradients(k, own)
 
 
 class Replace:

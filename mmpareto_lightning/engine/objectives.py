@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from mmpareto_lightning.engine.safeguards import GradientSplittingError, reaches_parameters
@@ -50,6 +51,31 @@ class EncoderObjectives:
     @property
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
+
+    def add_gradients(
+        self,
+        k: int,
+        grads: Sequence[Tensor | None],
+        to_local: Callable[[list[Tensor]], list[Tensor]] | None = None,
+    ) -> None:
+        """Add one backward's gradients of objective ``k`` (one per parameter; ``None`` where it does not
+        reach the parameter, taken as zeros) to the window's, marking the parameters it reached.
+        ``to_local`` maps them to the tensors the rule reads (FSDP: the local shards)."""
+        new = []
+        for i, (p, g) in enumerate(zip(self.params, grads, strict=True)):
+            if g is None:
+                g = torch.zeros_like(p)
+            else:
+                self.reached[i] = True
+            new.append(g)
+        if to_local is not None:
+            new = to_local(new)
+        if not self.grads:
+            self.grads = [[] for _ in self.objectives]
+        if self.grads[k]:
+            torch._foreach_add_(self.grads[k], new)
+        else:
+            self.grads[k] = new
 
 
 def validate_losses(losses: Mapping[str, Tensor], multimodal_key: str) -> dict[str, Tensor]:

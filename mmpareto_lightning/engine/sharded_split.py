@@ -8,13 +8,14 @@ Differences from the single-device and DDP split (:mod:`mmpareto_lightning.engin
   sharded ``.grad``. Each pass takes the shards it produced and puts the earlier ``.grad`` back, so the
   ordinary backward still leaves the main objective's gradient in ``.grad``. Only the encoders' unsharded
   parameters are differentiated (``inputs=``): heads and anything upstream are untouched.
-- Every rank must run the same backward passes through the same sharded modules (each one gathers
-  parameters and reduce-scatters gradients collectively). The ranks agree first on which losses reach
-  which encoder (:meth:`~mmpareto_lightning.distributed.ShardedEncoders.agree`, from a walk of the
-  heads' graph, :func:`losses_reaching`); where a loss does not reach an encoder on this rank, the pass
-  runs with a zero cotangent. An encoder output no loss reaches on this rank still enters the ordinary
-  backward through a zero-valued term (:func:`untouched_terms`). Every check that can fail on one rank
-  alone runs before the agreement, which carries a refusal to the other ranks (:func:`agree_on_step`).
+- Every rank must run the same backward passes through the same sharded modules (each one gathers parameters
+  and reduce-scatters gradients collectively). The ranks agree first on which losses reach which encoder
+  (:meth:`~mmpareto_lightning.distributed.ShardedEncoders.agree`, from a walk of the heads' graph,
+  :func:`~mmpareto_lightning.engine.safeguards.losses_reaching`); where a loss does not reach an encoder on
+  this rank, the pass runs with a zero cotangent. An encoder output no loss reaches on this rank still
+  enters the ordinary backward through a zero-valued term (:func:`untouched_terms`). Every check that can
+  fail on one rank alone runs before the agreement, which carries a refusal to the other ranks
+  (:func:`agree_on_step`).
 - FSDP modules the forward left gathered (``reshard_after_forward=False``, or a root's default) stay
   gathered through the heads' and the extra passes (:func:`~mmpareto_lightning.distributed.sharded.
   keep_gathered`, on the modules :func:`recording_fsdp_modules` saw run): the split then all-gathers
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 
 from mmpareto_lightning.distributed.sharded import FSDPModule, ShardedEncoders, ShardingError, local_tensors
 from mmpareto_lightning.engine.capture import CapturedOutput
-from mmpareto_lightning.engine.safeguards import GradientSplittingError, check_graph
+from mmpareto_lightning.engine.safeguards import GradientSplittingError, check_graph, losses_reaching
 
 if TYPE_CHECKING:
     from mmpareto_lightning.engine.objectives import EncoderObjectives
@@ -42,7 +43,6 @@ __all__ = [
     "agree_on_step",
     "capture_recording_fsdp_modules",
     "extra_backward_passes",
-    "losses_reaching",
     "nothing",
     "recording_fsdp_modules",
     "untouched_terms",
@@ -66,8 +66,6 @@ def agree_on_step(
     sharded: ShardedEncoders,
     losses: Mapping[str, Tensor],
     called: list[str],
-    outputs: Sequence[Tensor],
-    owner: Sequence[str],
     captured: Mapping[str, Sequence[CapturedOutput]],
     parameter_owners: Mapping[int, str],
     trainable: Mapping[str, int],
@@ -81,7 +79,7 @@ def agree_on_step(
     Returns:
         The encoders taking part, and encoder -> the losses that reach it on some rank.
     """
-    reach = losses_reaching(losses, outputs, owner)
+    reach = losses_reaching(losses, {enc: captured[enc] for enc in called})
     check_graph(losses, captured, called, {**parameter_owners, **sharded.graph_owners()}, describe)
     try:
         sharded.check_gradient_sync()
@@ -107,35 +105,6 @@ def recording_fsdp_modules(sink: dict[int, nn.Module]) -> Iterator[None]:
         yield
     finally:
         handle.remove()
-
-
-def losses_reaching(
-    losses: Mapping[str, Tensor], outputs: Sequence[Tensor], owner: Sequence[str]
-) -> dict[str, list[str]]:
-    """Encoder -> the losses (in order) whose graph reaches one of its captured outputs on this rank.
-
-    A walk over the nodes between the losses and the encoders' outputs (the heads); no tensor is read.
-    It finds what ``torch.autograd.grad(loss, outputs, allow_unused=True)`` would, before the
-    cotangents are taken.
-    """
-    stops = {out.grad_fn: enc for out, enc in zip(outputs, owner, strict=True)}
-    reach: dict[str, list[str]] = {}
-    for name, loss in losses.items():
-        found: set[str] = set()
-        seen: set[object] = set()
-        stack = [loss.grad_fn]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            if node in stops:
-                found.add(stops[node])
-                continue
-            stack.extend(next_node for next_node, _ in node.next_functions)
-        for enc in found:
-            reach.setdefault(enc, []).append(name)
-    return reach
 
 
 def extra_backward_passes(
@@ -187,22 +156,8 @@ def extra_backward_passes(
                 p.grad = g
         start = 0
         for layout, k in targets:
-            new = []
-            for i, p in enumerate(layout.params):
-                g = fresh[start + i]
-                if g is None:
-                    g = torch.zeros_like(p)
-                else:
-                    layout.reached[i] = True
-                new.append(g)
+            layout.add_gradients(k, fresh[start : start + len(layout.params)], to_local=local_tensors)
             start += len(layout.params)
-            new = local_tensors(new)
-            if not layout.grads:
-                layout.grads = [[] for _ in layout.objectives]
-            if layout.grads[k]:
-                torch._foreach_add_(layout.grads[k], new)
-            else:
-                layout.grads[k] = new
 
 
 def untouched_terms(

@@ -332,8 +332,7 @@ class GradientSplitter:
             # Before the cotangents: each of them is a backward through sharded heads.
             trainable = {enc: len(self.trainable_params(enc)) for enc in self.encoders}
             present, reach = sharded_split.agree_on_step(
-                self.sharded, losses, present, outputs, owner, self._capture.outputs, self._owner, trainable,
-                self._describe,
+                self.sharded, losses, present, self._capture.outputs, self._owner, trainable, self._describe,
             )  # fmt: skip
             outputs, owner = self._capture.tensors(present)
             # Through the heads' and the extra passes: released before the ordinary backward.

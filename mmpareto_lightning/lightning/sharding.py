@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from mmpareto_lightning.distributed.sharded import FSDPModule, is_dtensor
+from mmpareto_lightning.distributed.sharded import FSDPModule, is_dtensor, unsharded_names
 
 __all__ = ["SHARDED_HINT", "check_model_parallel_strategy", "check_sharded_module", "is_sharded_strategy"]
 
@@ -61,9 +61,8 @@ def check_sharded_module(pl_module: pl.LightningModule) -> None:
     plain = [n for n, p in pl_module.named_parameters() if p.requires_grad and not is_dtensor(p)]
     if plain:
         raise MisconfigurationException(
-            f"Under ModelParallelStrategy these trainable parameters are not sharded: {plain[:5]}"
-            + (f" and {len(plain) - 5} more" if len(plain) > 5 else "")
-            + ". Nothing averages their gradients across ranks (the ranks would drift apart). In "
-            "`configure_model`, apply `fully_shard` to every module that owns parameters: each encoder "
-            "(after its blocks) and each head, fusion layers included."
+            f"Under ModelParallelStrategy these trainable parameters are not sharded: "
+            f"{unsharded_names(plain)}. Nothing averages their gradients across ranks (the ranks would "
+            "drift apart). In `configure_model`, apply `fully_shard` to every module that owns parameters: "
+            "each encoder (after its blocks) and each head, fusion layers included."
         )

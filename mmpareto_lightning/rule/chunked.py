@@ -32,13 +32,21 @@ from torch import Tensor
 
 from mmpareto_lightning.rule.constants import cached_tensor
 
-__all__ = ["CHUNK", "PIECE_CHUNKS", "ChunkedGradients", "chunk_layout", "chunked_sizes"]
+__all__ = ["CHUNK", "PIECE_CHUNKS", "ChunkedGradients", "chunk_layout", "chunked_sizes", "objective_pairs"]
 
 #: Entries per chunk: the padding of each tensor (at most ``CHUNK - 1`` zeros) stays a few percent of an
 #: encoder, and a chunk's ``K x CHUNK`` block is a well-shaped matrix product.
 CHUNK = 1 << 12
 #: Chunks widened to float64 at a time (8M entries, 64 MiB a row): bounds the rule's float64 scratch.
 PIECE_CHUNKS = 1 << 11
+
+
+def objective_pairs(k: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """The pairs ``i <= j`` and, for every ``(i, j)`` of the full matrix, the index of its pair: both
+    triangles come from one entry, so identical gradients give bit-identical Gram entries."""
+    pairs = [(i, j) for i in range(k) for j in range(i, k)]
+    order = [pairs.index((min(i, j), max(i, j))) for i in range(k) for j in range(k)]
+    return pairs, order
 
 
 def chunked_sizes(sizes: Sequence[int]) -> list[int]:
@@ -128,7 +136,7 @@ class ChunkedGradients:
         """``(T, K, K)`` float64 Gram matrices: per piece, an elementwise product and a sum per pair of
         objectives; then one segmented sum over each tensor's chunks."""
         k = self.rows.shape[0]
-        pairs = [(i, j) for i in range(k) for j in range(i, k)]
+        pairs, order = objective_pairs(k)
         per_piece = []
         for first, last in self.pieces:
             wide = self._wide(first, last)
@@ -138,12 +146,7 @@ class ChunkedGradients:
         # (two reads of device values: a stall per call on a GPU).
         sums = torch.segment_reduce(products, "sum", lengths=self._chunk_counts(), axis=0, unsafe=True)
         device = self.device
-        symmetric = cached_tensor(
-            ("pair of entry", k, device),
-            lambda: torch.tensor(
-                [pairs.index((min(i, j), max(i, j))) for i in range(k) for j in range(k)], device=device
-            ),
-        )
+        symmetric = cached_tensor(("pair of entry", k, device), lambda: torch.tensor(order, device=device))
         return sums.index_select(1, symmetric).view(-1, k, k)
 
     def write(self, coefficients: Tensor, out: Sequence[Tensor] | None) -> list[Tensor]:

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mmpareto_lightning.rule.chunked import ChunkedGradients
+from mmpareto_lightning.rule.chunked import ChunkedGradients, objective_pairs
 from mmpareto_lightning.rule.constants import cached_tensor
 
 __all__ = [
@@ -133,17 +133,9 @@ def tensor_grams(
     return _cpu_grams(grads, pieces or Pieces(), scale)
 
 
-def _pairs(k: int) -> tuple[list[tuple[int, int]], list[int]]:
-    """The pairs ``i <= j`` and, for every ``(i, j)`` of the full matrix, the index of its pair: both
-    triangles come from one entry, so identical gradients give bit-identical Gram entries."""
-    pairs = [(i, j) for i in range(k) for j in range(i, k)]
-    order = [pairs.index((min(i, j), max(i, j))) for i in range(k) for j in range(k)]
-    return pairs, order
-
-
 def _cpu_grams(grads: Sequence[Sequence[Tensor]], pieces: Pieces, scale: Tensor | None) -> Tensor:
     k, n = len(grads), len(grads[0])
-    pairs, order = _pairs(k)
+    pairs, order = objective_pairs(k)
     small = [t for t in range(n) if grads[0][t].numel() <= SMALL]
     large = [t for t in range(n) if grads[0][t].numel() > SMALL]
     parts = []
