@@ -87,6 +87,38 @@ class MultiModalNet(MMParetoModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
+class Arch(MMParetoModule):
+    """Two tanh encoders, concatenation head, unimodal heads, SGD with lr 1: no training_step here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.audio = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
+        self.visual = nn.Sequential(nn.Linear(7, 8), nn.Tanh())
+        self.head = nn.Linear(16, 3)
+        self.head_audio = nn.Linear(8, 3)
+        self.head_visual = nn.Linear(8, 3)
+
+    def mmpareto_encoders(self):
+        return {"audio": self.audio, "visual": self.visual}
+
+    def losses(self, batch):
+        xa, xv, y = batch
+        za, zv = self.audio(xa), self.visual(xv)
+        return {
+            "multimodal": F.cross_entropy(self.head(torch.cat([za, zv], 1)), y),
+            "audio": F.cross_entropy(self.head_audio(za), y),
+            "visual": F.cross_entropy(self.head_visual(zv), y),
+        }
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=1.0)
+
+
+class Net(Arch):
+    def training_step(self, batch, batch_idx):
+        return self.losses(batch)
+
+
 def make_data(n: int = 2, size: int = 32, seed: int = 0) -> TensorDataset:
     gen = torch.Generator().manual_seed(seed)
     xs = [torch.randn(size, d, generator=gen) for d in DIMS[:n]]

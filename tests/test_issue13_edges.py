@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from _bounds import assert_within, gamma
 from _data_parallel import StepRecorder, check_recorded_fit
 from _exact import assert_moved_by, expected_deltas
-from _models import make_loader, trainer_kwargs
+from _models import Net, make_loader, trainer_kwargs
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -202,36 +202,6 @@ def test_an_encoder_mixing_real_dtypes_is_refused() -> None:
 
 
 # ---------------------------------------------------------------- sparse gradients
-class Net(MMParetoModule):
-    """Two tanh encoders, concatenation head, unimodal heads, SGD with lr 1."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.audio = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
-        self.visual = nn.Sequential(nn.Linear(7, 8), nn.Tanh())
-        self.head = nn.Linear(16, 3)
-        self.head_audio = nn.Linear(8, 3)
-        self.head_visual = nn.Linear(8, 3)
-
-    def mmpareto_encoders(self):
-        return {"audio": self.audio, "visual": self.visual}
-
-    def losses(self, batch):
-        xa, xv, y = batch
-        za, zv = self.audio(xa), self.visual(xv)
-        return {
-            "multimodal": F.cross_entropy(self.head(torch.cat([za, zv], 1)), y),
-            "audio": F.cross_entropy(self.head_audio(za), y),
-            "visual": F.cross_entropy(self.head_visual(zv), y),
-        }
-
-    def training_step(self, batch, batch_idx):
-        return self.losses(batch)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1.0)
-
-
 class TokenEncoder(nn.Module):
     """A bag of embeddings of the input's signs: ``sparse`` picks nn.Embedding(sparse=True), and
     ``functional`` the same lookup through F.embedding(..., sparse=True) on a plain parameter."""

@@ -14,44 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _exact import assert_moved_by, expected_deltas
-from _models import make_loader, trainer_kwargs
+from _models import Arch, Net, make_loader, trainer_kwargs
 from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from mmpareto_lightning import MMParetoCallback, MMParetoModule
-
-
-class Arch(MMParetoModule):
-    """Two tanh encoders, concatenation head, unimodal heads, SGD with lr 1: no training_step here."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.audio = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
-        self.visual = nn.Sequential(nn.Linear(7, 8), nn.Tanh())
-        self.head = nn.Linear(16, 3)
-        self.head_audio = nn.Linear(8, 3)
-        self.head_visual = nn.Linear(8, 3)
-
-    def mmpareto_encoders(self):
-        return {"audio": self.audio, "visual": self.visual}
-
-    def losses(self, batch):
-        xa, xv, y = batch
-        za, zv = self.audio(xa), self.visual(xv)
-        return {
-            "multimodal": F.cross_entropy(self.head(torch.cat([za, zv], 1)), y),
-            "audio": F.cross_entropy(self.head_audio(za), y),
-            "visual": F.cross_entropy(self.head_visual(zv), y),
-        }
-
-    def configure_optimizers(self):
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=1.0)
-
-
-class Net(Arch):
-    def training_step(self, batch, batch_idx):
-        return self.losses(batch)
+from mmpareto_lightning import MMParetoCallback
 
 
 def _encoders(model):
