@@ -273,16 +273,6 @@ class ShardedEncoders:
         }
         return [unsharded[id(p)] for p in params if id(p) in unsharded]
 
-    def graph_names(self, names: Mapping[int, str]) -> dict[int, str]:
-        """``names`` (by the sharded parameters' ids) extended to the unsharded copies."""
-        out = dict(names)
-        for m in self.encoders.values():
-            for fp in _fsdp_params(m):
-                name = names.get(id(fp.sharded_param))
-                if name is not None:
-                    out.update({id(v): name for v in _variants(fp)})
-        return out
-
     # ------------------------------------------------------------------ collectives
     def gram_reduce(self, enc: str) -> Callable[[Tensor], Tensor]:
         """The ``gram_reduce`` of :func:`~mmpareto_lightning.rule.integrate_tensor_lists` for encoder
